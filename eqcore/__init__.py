@@ -41,6 +41,9 @@ _EXPORTS: dict[str, str] = {
     "get_previous_module_node": "cle",
     "find_cle_pairs": "cle",
     "equalize": "cle",
+    "relu6_to_relu": "cle",
+    "CLEPairs": "cle",
+    "SkippedPair": "cle",
     # histograms, hooks and SA
     "ActHistogram": "hooks",
     "add_activation_forward_hooks": "hooks",
@@ -58,9 +61,19 @@ _EXPORTS: dict[str, str] = {
     "top1_agreement": "metrics",
     "topk_accuracy": "metrics",
     "kl_divergence": "metrics",
+    "fidelity": "metrics",
+    "per_layer_sqnr": "metrics",
+    "collect_logits": "metrics",
+    "evaluate_dataset": "metrics",
+    # errors
+    "EQError": "errors",
     # models and data
     "get_model": "zoo",
     "available_models": "zoo",
+    "ZooModel": "zoo",
+    "InputSpec": "data",
+    "get_loaders": "data",
+    "sample_images": "data",
 }
 
 __all__ = sorted(_EXPORTS)

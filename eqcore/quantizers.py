@@ -1,0 +1,536 @@
+"""Fake quantization: exact autograd functions and drop-in torch.ao fake-quant modules.
+
+Numerics (DESIGN.md section 4), with u = x * (1/s) as torch's kernels compute it:
+
+    q = round_half_even(u) + z,    y = (clamp(q, qmin, qmax) - z) * s
+    dX = dY where qmin <= q <= qmax, else 0
+    dS = g * dY * (y/s - x/s)  inside,  g * dY * (qmin - z) below,  g * dY * (qmax - z) above
+    dZ = 0 inside,  -g * dY * s outside
+
+The zero point is rounded half to even and clamped to [qmin, qmax] identically in forward and
+backward; the scale is clamped to float32 eps. Policies where torch's kernels disagree with
+themselves: +inf clamps to qmax and -inf to qmin like any out-of-range value; NaN stays NaN in y,
+gets dX = 0, and makes dS NaN (it is not inside the grid, so it adds -g*dY*s to dZ like a
+clamped value); empty inputs give dS = dZ = 0; any channel axis, negative ones included, and
+1-D per-channel inputs work; float16/bfloat16 inputs are computed in float32 and float64 inputs
+in float64 (torch rounds the float64 product scale*q to float32; we do not).
+
+Forward and backward are built from vectorised elementwise ops and BLAS-style reductions with
+no host synchronisation, so they run at memory bandwidth on CPU and never stall a CUDA stream.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+from torch import nn
+
+from eqcore._torch_ao import FakeQuantizeBase, tq
+
+EPS = torch.finfo(torch.float32).eps
+MAX_BITS = 16
+
+
+def check_quant_range(quant_min: int, quant_max: int) -> None:
+    """Raise ValueError unless [quant_min, quant_max] is a valid 1..16-bit integer range."""
+    for name, value in (("quant_min", quant_min), ("quant_max", quant_max)):
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ValueError(f"{name} must be an int, got {value!r}")
+    if quant_min >= quant_max:
+        raise ValueError(
+            f"quant_min ({quant_min}) must be less than quant_max ({quant_max})"
+        )
+    if quant_max - quant_min + 1 > 2**MAX_BITS:
+        raise ValueError(
+            f"quant_min..quant_max ({quant_min}..{quant_max}) spans more than {MAX_BITS} bits; "
+            f"use a range of at most {2**MAX_BITS} levels"
+        )
+
+
+def normalize_axis(axis: int, ndim: int) -> int:
+    """Channel axis in [0, ndim), accepting negative axes; ValueError when out of range."""
+    if not -ndim <= axis < ndim:
+        raise ValueError(
+            f"ch_axis {axis} is out of range for a {ndim}-d input (valid: {-ndim}..{ndim - 1})"
+        )
+    return axis % ndim
+
+
+def grad_scaling_factor(numel: int, quant_max: int) -> float:
+    """LSQ's gradient scale 1/sqrt(numel * qmax), as torch's modules compute it (numel >= 1)."""
+    return 1.0 / math.sqrt(max(numel, 1) * max(quant_max, 1))
+
+
+def _compute_dtype(x: torch.Tensor) -> torch.dtype:
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
+
+
+def _channel_view(t: torch.Tensor, ndim: int, axis: int | None) -> torch.Tensor:
+    if axis is None:
+        return t.reshape(())
+    shape = [1] * ndim
+    shape[axis] = -1
+    return t.reshape(shape)
+
+
+def _qparams(
+    x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, qmin: int, qmax: int, axis: int | None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Scale clamped to eps and the rounded, clamped zero point, shaped to broadcast over x."""
+    dtype = _compute_dtype(x)
+    s = scale.detach().to(dtype=dtype).clamp_min(EPS)
+    z = torch.round(zero_point.detach().to(dtype=dtype)).clamp_(qmin, qmax)
+    return _channel_view(s, x.dim(), axis), _channel_view(z, x.dim(), axis)
+
+
+def _fake_quantize_values(x: torch.Tensor, s: torch.Tensor, z: torch.Tensor, qmin: int, qmax: int) -> torch.Tensor:
+    """y = (clamp(round(x * (1/s)) + z, qmin, qmax) - z) * s, in one buffer.
+
+    The same float operations as torch's kernels, so outputs are bit-identical to
+    torch.fake_quantize_per_{tensor,channel}_affine (adding z also turns round's -0.0 into +0.0).
+    """
+    y = torch.mul(x.detach().to(_compute_dtype(x)), torch.reciprocal(s))
+    return y.round_().add_(z).clamp_(qmin, qmax).sub_(z).mul_(s).to(x.dtype)
+
+
+_hardtanh_backward = torch.ops.aten.hardtanh_backward
+
+
+def _grid_positions(
+    x: torch.Tensor, s: torch.Tensor, z: torch.Tensor, qmin: int, qmax: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Recompute, from the saved input, q = round(u) + z and the residual u - round(u).
+
+    Recomputing costs a few vectorised passes but keeps only x alive between forward and
+    backward, like torch's own kernels. +-inf become values just beyond any grid and NaN one
+    just below it, so the residual is always finite.
+    """
+    u = torch.mul(x.to(s.dtype), torch.reciprocal(s))
+    span = float(qmax - qmin + 1)
+    u.nan_to_num_(nan=-span, posinf=span, neginf=-span)
+    q = torch.round(u)
+    residual = u.sub_(q)
+    return q.add_(z), residual
+
+
+def _masked(grad: torch.Tensor, q: torch.Tensor, low: float, high: float, out: torch.Tensor | None = None) -> torch.Tensor:
+    """grad where low < q < high, else 0, in one fused pass (q is integer-valued)."""
+    if out is None:
+        return _hardtanh_backward(grad, q, low, high)
+    return _hardtanh_backward.grad_input(grad, q, low, high, grad_input=out)
+
+
+def _sum_per_channel(t: torch.Tensor, axis: int | None) -> torch.Tensor:
+    if axis is None:
+        return t.sum().reshape(1)
+    dims = [d for d in range(t.dim()) if d != axis]
+    return t.sum(dims) if dims else t.clone()
+
+
+def _dot_per_channel(a: torch.Tensor, scratch: torch.Tensor, axis: int | None) -> torch.Tensor:
+    """sum(a * scratch) per channel (or in total); ``scratch`` may be overwritten."""
+    if axis is None:
+        return torch.dot(a.reshape(-1), scratch.reshape(-1)).reshape(1)
+    return _sum_per_channel(scratch.mul_(a), axis)
+
+
+class _LearnableFakeQuantizeFn(torch.autograd.Function):
+    @staticmethod
+    def forward(
+        ctx: Any,
+        x: torch.Tensor,
+        scale: torch.Tensor,
+        zero_point: torch.Tensor,
+        quant_min: int,
+        quant_max: int,
+        axis: int | None,
+        grad_factor: float,
+    ) -> torch.Tensor:
+        s, z = _qparams(x, scale, zero_point, quant_min, quant_max, axis)
+        ctx.save_for_backward(x, s, z)
+        ctx.qrange = (quant_min, quant_max)
+        ctx.axis = axis
+        ctx.grad_factor = grad_factor
+        ctx.param_meta = ((scale.shape, scale.dtype), (zero_point.shape, zero_point.dtype))
+        return _fake_quantize_values(x, s, z, quant_min, quant_max)
+
+    @staticmethod
+    def backward(ctx: Any, grad_y: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        x, s, z = ctx.saved_tensors
+        qmin, qmax = ctx.qrange
+        axis, g = ctx.axis, ctx.grad_factor
+        need_x, need_s, need_z = ctx.needs_input_grad[:3]
+        q, residual = _grid_positions(x.detach(), s, z, qmin, qmax)
+        dy = grad_y.to(s.dtype).contiguous()
+        lo, hi = qmin - 0.5, qmax + 0.5
+        grad_inside = _masked(dy, q, lo, hi)
+        grad_scale = grad_zero_point = None
+        if need_s or need_z:
+            # e = round(u) - u inside; qmin - z below and qmax - z above the grid.
+            rounding = _dot_per_channel(grad_inside, residual, axis)
+            below = _sum_per_channel(_masked(dy, q, -math.inf, lo, out=residual), axis)
+            above = _sum_per_channel(_masked(dy, q, hi, math.inf, out=residual), axis)
+            zp = z.reshape(-1)
+            if need_s:
+                shape, dtype = ctx.param_meta[0]
+                grad_scale = (below * (qmin - zp) + above * (qmax - zp) - rounding).mul_(g)
+                grad_scale = grad_scale.reshape(shape).to(dtype)
+            if need_z:
+                shape, dtype = ctx.param_meta[1]
+                grad_zero_point = (below + above).mul_(s.reshape(-1)).mul_(-g).reshape(shape).to(dtype)
+        grad_x = grad_inside.to(grad_y.dtype) if need_x else None
+        return grad_x, grad_scale, grad_zero_point, None, None, None, None
+
+
+class _FakeQuantizeFn(torch.autograd.Function):
+    """Fixed-qparam fake quantization: straight-through dX = dY inside the grid."""
+
+    @staticmethod
+    def forward(ctx: Any, x, scale, zero_point, quant_min, quant_max, axis):  # noqa: ANN001
+        s, z = _qparams(x, scale, zero_point, quant_min, quant_max, axis)
+        ctx.save_for_backward(x, s, z)
+        ctx.qrange = (quant_min, quant_max)
+        return _fake_quantize_values(x, s, z, quant_min, quant_max)
+
+    @staticmethod
+    def backward(ctx: Any, grad_y: torch.Tensor):  # noqa: ANN205
+        x, s, z = ctx.saved_tensors
+        qmin, qmax = ctx.qrange
+        q, _ = _grid_positions(x.detach(), s, z, qmin, qmax)
+        grad_x = _masked(grad_y.to(s.dtype).contiguous(), q, qmin - 0.5, qmax + 0.5)
+        return grad_x.to(grad_y.dtype), None, None, None, None, None
+
+
+def _check_call(
+    x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, quant_min: int, quant_max: int, ch_axis: int | None
+) -> int | None:
+    check_quant_range(quant_min, quant_max)
+    if not x.is_floating_point():
+        raise ValueError(f"fake quantization needs a floating-point input, got {x.dtype}")
+    if ch_axis is None:
+        if scale.numel() != 1 or zero_point.numel() != 1:
+            raise ValueError(
+                f"per-tensor fake quantization needs one scale and one zero_point, got "
+                f"{scale.numel()} and {zero_point.numel()}; pass ch_axis for per-channel"
+            )
+        return None
+    if x.dim() == 0:
+        raise ValueError("per-channel fake quantization needs an input with at least one dimension")
+    axis = normalize_axis(ch_axis, x.dim())
+    channels = x.shape[axis]
+    if scale.numel() != channels or zero_point.numel() != channels:
+        raise ValueError(
+            f"per-channel fake quantization along ch_axis {ch_axis} needs {channels} scales and "
+            f"zero points, got {scale.numel()} and {zero_point.numel()}"
+        )
+    return axis
+
+
+def learnable_fake_quantize(
+    x: torch.Tensor,
+    scale: torch.Tensor,
+    zero_point: torch.Tensor,
+    quant_min: int,
+    quant_max: int,
+    *,
+    ch_axis: int | None = None,
+    grad_factor: float = 1.0,
+) -> torch.Tensor:
+    """Fake-quantize ``x`` with gradients for x, scale and zero point (LSQ/LSQ+).
+
+    ``ch_axis=None`` quantizes per tensor (one scale); otherwise per channel along ``ch_axis``.
+    """
+    axis = _check_call(x, scale, zero_point, quant_min, quant_max, ch_axis)
+    return _LearnableFakeQuantizeFn.apply(x, scale, zero_point, quant_min, quant_max, axis, float(grad_factor))
+
+
+def fake_quantize(
+    x: torch.Tensor,
+    scale: torch.Tensor | float,
+    zero_point: torch.Tensor | int,
+    quant_min: int,
+    quant_max: int,
+    *,
+    ch_axis: int | None = None,
+) -> torch.Tensor:
+    """Fake-quantize ``x`` with fixed qparams; dX passes through inside the grid only."""
+    if not isinstance(scale, torch.Tensor):
+        _check_scale_value(scale)
+        scale = torch.tensor([float(scale)], device=x.device)
+    if not isinstance(zero_point, torch.Tensor):
+        zero_point = torch.tensor([float(zero_point)], device=x.device)
+    axis = _check_call(x, scale, zero_point, quant_min, quant_max, ch_axis)
+    return _FakeQuantizeFn.apply(x, scale, zero_point, quant_min, quant_max, axis)
+
+
+def _check_scale_value(scale: float) -> None:
+    if not (isinstance(scale, (int, float)) and math.isfinite(scale) and scale > 0):
+        raise ValueError(f"scale must be a finite number > 0, got {scale!r}")
+
+
+def _is_symmetric(qscheme: torch.qscheme) -> bool:
+    return qscheme in (torch.per_tensor_symmetric, torch.per_channel_symmetric)
+
+
+def _is_per_channel(qscheme: torch.qscheme) -> bool:
+    return qscheme in (torch.per_channel_symmetric, torch.per_channel_affine)
+
+
+def _build_observer(observer: Any, quant_min: int, quant_max: int, observer_kwargs: dict) -> nn.Module:
+    observer_kwargs = {**observer_kwargs, "quant_min": quant_min, "quant_max": quant_max}
+    dtype = observer_kwargs.get("dtype") or getattr(getattr(observer, "p", None), "keywords", {}).get("dtype")
+    if dtype is not None and dtype in (torch.quint8, torch.qint8, torch.qint32, torch.uint8, torch.int8, torch.int16, torch.int32):
+        info = torch.iinfo(dtype)
+        if quant_min < info.min or quant_max > info.max:
+            raise ValueError(
+                f"quant_min..quant_max ({quant_min}..{quant_max}) does not fit the observer dtype "
+                f"{dtype} ({info.min}..{info.max}); pass a wider dtype, e.g. dtype=torch.qint32"
+            )
+    return observer(**observer_kwargs)
+
+
+class _FlagsMixin:
+    """Python mirrors of the uint8 state buffers, so forward reads no device memory."""
+
+    def _sync_flags(self) -> None:
+        self._fake_quant_on = bool(self.fake_quant_enabled[0])
+        self._observer_on = bool(self._observer_buffer()[0])
+
+    def _observer_buffer(self) -> torch.Tensor:
+        return self.observer_enabled
+
+    def _load_from_state_dict(self, *args: Any, **kwargs: Any) -> None:
+        super()._load_from_state_dict(*args, **kwargs)
+        self._sync_flags()
+
+    def enable_fake_quant(self, enabled: bool = True) -> None:
+        self.fake_quant_enabled[0] = int(enabled)
+        self._fake_quant_on = bool(enabled)
+
+    def toggle_fake_quant(self, enabled: bool = True):  # noqa: ANN201
+        self.enable_fake_quant(enabled)
+        return self
+
+
+class EQLearnableFakeQuantize(_FlagsMixin, FakeQuantizeBase):
+    """Learnable fake quantizer, a drop-in for torch.ao's ``_LearnableFakeQuantize``.
+
+    Same constructor, methods, buffers and state dict keys; faster and exact at the edges (see
+    the module docstring). Modes: static estimation (observer sets scale/zero point), param
+    learning (scale/zero point trained by backprop), static observation (observe, no fake quant).
+    """
+
+    def __init__(
+        self,
+        observer: Any = tq.MovingAverageMinMaxObserver,
+        quant_min: int = 0,
+        quant_max: int = 255,
+        scale: float = 1.0,
+        zero_point: float = 0.0,
+        channel_len: int = -1,
+        use_grad_scaling: bool = False,
+        **observer_kwargs: Any,
+    ) -> None:
+        super().__init__()
+        check_quant_range(quant_min, quant_max)
+        _check_scale_value(scale)
+        if not (channel_len == -1 or (isinstance(channel_len, int) and channel_len > 0)):
+            raise ValueError(f"channel_len must be -1 (per tensor) or a positive int, got {channel_len!r}")
+        self.quant_min = quant_min
+        self.quant_max = quant_max
+        self.use_grad_scaling = use_grad_scaling
+        count = 1 if channel_len == -1 else channel_len
+        self.channel_len = channel_len
+        self.scale = nn.Parameter(torch.full((count,), float(scale)))
+        self.zero_point = nn.Parameter(torch.full((count,), float(zero_point)))
+        self.activation_post_process = _build_observer(observer, quant_min, quant_max, observer_kwargs)
+        self.dtype = self.activation_post_process.dtype
+        self.qscheme = self.activation_post_process.qscheme
+        self.ch_axis = getattr(self.activation_post_process, "ch_axis", -1)
+        self.register_buffer("fake_quant_enabled", torch.tensor([1], dtype=torch.uint8))
+        self.register_buffer("static_enabled", torch.tensor([1], dtype=torch.uint8))
+        self.register_buffer("learning_enabled", torch.tensor([0], dtype=torch.uint8))
+        self.bitwidth = int(math.log2(quant_max - quant_min + 1))
+        self.register_buffer("eps", torch.tensor([EPS]))
+        if _is_symmetric(self.qscheme):
+            self.zero_point.data.zero_()
+        self._sync_flags()
+
+    def _observer_buffer(self) -> torch.Tensor:
+        return self.static_enabled
+
+    def _sync_flags(self) -> None:
+        super()._sync_flags()
+        self._learning_on = bool(self.learning_enabled[0])
+
+    @property
+    def is_per_channel(self) -> bool:
+        return _is_per_channel(self.qscheme)
+
+    def enable_param_learning(self) -> EQLearnableFakeQuantize:
+        """Learn scale and zero point by backprop; the observer stops updating them."""
+        self.toggle_qparam_learning(enabled=True).toggle_fake_quant(enabled=True).toggle_observer_update(enabled=False)
+        return self
+
+    def enable_static_estimate(self) -> EQLearnableFakeQuantize:
+        """Let the observer set scale and zero point (PTQ calibration); output is fake-quantized."""
+        self.toggle_qparam_learning(enabled=False).toggle_fake_quant(enabled=True).toggle_observer_update(enabled=True)
+        return self
+
+    def enable_static_observation(self) -> EQLearnableFakeQuantize:
+        """Observe data without updating qparams; output is the unquantized input."""
+        self.toggle_qparam_learning(enabled=False).toggle_fake_quant(enabled=False).toggle_observer_update(enabled=True)
+        return self
+
+    def toggle_observer_update(self, enabled: bool = True) -> EQLearnableFakeQuantize:
+        self.static_enabled[0] = int(enabled)
+        self._observer_on = bool(enabled)
+        return self
+
+    def enable_observer(self, enabled: bool = True) -> None:
+        self.toggle_observer_update(enabled)
+
+    def toggle_qparam_learning(self, enabled: bool = True) -> EQLearnableFakeQuantize:
+        self.learning_enabled[0] = int(enabled)
+        self._learning_on = bool(enabled)
+        self.scale.requires_grad = enabled
+        self.zero_point.requires_grad = enabled
+        return self
+
+    def observe_quant_params(self) -> None:
+        print(f"EQLearnableFakeQuantize Scale: {self.scale.detach()}")
+        print(f"EQLearnableFakeQuantize Zero Point: {self.zero_point.detach()}")
+
+    def calculate_qparams(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Current (scale, integer zero point), the zero point rounded half to even and clamped."""
+        self.scale.data.clamp_(min=EPS)
+        scale = self.scale.detach()
+        zero_point = torch.round(self.zero_point.detach()).clamp(self.quant_min, self.quant_max).long()
+        return scale, zero_point
+
+    def _observe(self, x: torch.Tensor) -> None:
+        self.activation_post_process(x.detach())
+        scale, zero_point = self.activation_post_process.calculate_qparams()
+        scale = scale.to(self.scale.device, self.scale.dtype).reshape(-1)
+        zero_point = zero_point.to(self.zero_point.device, self.zero_point.dtype).reshape(-1)
+        if scale.shape != self.scale.shape:
+            if self.channel_len != -1:
+                raise ValueError(
+                    f"channel_len={self.channel_len} does not match the {scale.numel()} channels "
+                    f"the observer saw; set channel_len to the number of channels"
+                )
+            self.scale.data = scale.clone()
+            self.zero_point.data = zero_point.clone()
+        else:
+            self.scale.data.copy_(scale)
+            self.zero_point.data.copy_(zero_point)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        per_channel = self.is_per_channel
+        if per_channel and self.channel_len != -1:
+            axis = normalize_axis(self.ch_axis, x.dim())
+            if x.shape[axis] != self.channel_len:
+                raise ValueError(
+                    f"channel_len={self.channel_len} does not match the input's {x.shape[axis]} "
+                    f"channels on axis {self.ch_axis} (input shape {tuple(x.shape)})"
+                )
+        if self._observer_on:
+            self._observe(x)
+        else:
+            self.scale.data.clamp_(min=EPS)
+        if not self._fake_quant_on:
+            return x
+        if _is_symmetric(self.qscheme):
+            self.zero_point.data.zero_()
+        grad_factor = grad_scaling_factor(x.numel(), self.quant_max) if self.use_grad_scaling else 1.0
+        return learnable_fake_quantize(
+            x,
+            self.scale,
+            self.zero_point,
+            self.quant_min,
+            self.quant_max,
+            ch_axis=self.ch_axis if per_channel else None,
+            grad_factor=grad_factor,
+        )
+
+    def extra_repr(self) -> str:
+        return (
+            f"quant_min={self.quant_min}, quant_max={self.quant_max}, qscheme={self.qscheme}, "
+            f"ch_axis={self.ch_axis}, channels={self.scale.numel()}, "
+            f"use_grad_scaling={self.use_grad_scaling}, fake_quant={self._fake_quant_on}, "
+            f"observer={self._observer_on}, learning={self._learning_on}"
+        )
+
+
+class EQFakeQuantize(_FlagsMixin, FakeQuantizeBase):
+    """Non-learnable fake quantizer, a drop-in for torch.ao's ``FakeQuantize``.
+
+    Qparams come from the observer while it is enabled; the state dict matches ``FakeQuantize``.
+    """
+
+    def __init__(
+        self,
+        observer: Any = tq.MovingAverageMinMaxObserver,
+        quant_min: int = 0,
+        quant_max: int = 255,
+        **observer_kwargs: Any,
+    ) -> None:
+        super().__init__()
+        check_quant_range(quant_min, quant_max)
+        self.activation_post_process = _build_observer(observer, quant_min, quant_max, observer_kwargs)
+        self.quant_min = quant_min
+        self.quant_max = quant_max
+        self.dtype = self.activation_post_process.dtype
+        self.qscheme = self.activation_post_process.qscheme
+        self.ch_axis = getattr(self.activation_post_process, "ch_axis", -1)
+        self.is_per_channel = _is_per_channel(self.qscheme)
+        self.register_buffer("scale", torch.tensor([1.0], dtype=torch.float))
+        self.register_buffer("zero_point", torch.tensor([0], dtype=torch.int))
+        self._sync_flags()
+
+    def enable_observer(self, enabled: bool = True) -> None:
+        self.observer_enabled[0] = int(enabled)
+        self._observer_on = bool(enabled)
+
+    def calculate_qparams(self) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.activation_post_process.calculate_qparams()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self._observer_on:
+            self.activation_post_process(x.detach())
+            scale, zero_point = self.calculate_qparams()
+            scale = scale.to(self.scale.device)
+            zero_point = zero_point.to(self.zero_point.device)
+            if self.scale.shape != scale.shape:
+                self.scale.resize_(scale.shape)
+                self.zero_point.resize_(zero_point.shape)
+            self.scale.copy_(scale)
+            self.zero_point.copy_(zero_point)
+        if not self._fake_quant_on:
+            return x
+        return _FakeQuantizeFn.apply(
+            x,
+            self.scale,
+            self.zero_point,
+            self.quant_min,
+            self.quant_max,
+            normalize_axis(self.ch_axis, x.dim()) if self.is_per_channel else None,
+        )
+
+    def _save_to_state_dict(self, destination: dict, prefix: str, keep_vars: bool) -> None:
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+
+    def _load_from_state_dict(self, state_dict: dict, prefix: str, *args: Any, **kwargs: Any) -> None:
+        for name in ("scale", "zero_point"):
+            value = state_dict.get(prefix + name)
+            if value is not None:
+                getattr(self, name).resize_(value.shape)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+    def extra_repr(self) -> str:
+        return (
+            f"quant_min={self.quant_min}, quant_max={self.quant_max}, qscheme={self.qscheme}, "
+            f"ch_axis={self.ch_axis}, fake_quant={self._fake_quant_on}, observer={self._observer_on}"
+        )
