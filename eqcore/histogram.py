@@ -5,17 +5,25 @@ grid coordinate u = x * (1/s) (the product the quantizer itself rounds), lands i
 bin q = round_half_even(u) + z, and sits at e = u - round(u) in [-1/2, 1/2] inside that bin.
 Each quantization bin is split into ``bins_per_qbin`` histogram bins by e, so an element is in
 exactly the quantization bin the fake quantizer puts it in, ties included, and the middle
-histogram bin of each quantization bin holds its centroid. ``margin_qbins`` quantization bins on
-both sides show the clamped tails; values beyond them are counted in the outermost bins, so the
-counts always sum to the number of non-NaN elements. NaNs are counted apart.
+histogram bin of each quantization bin holds its centroid. (e is resolved to about 5e-4 of a
+bin: the split is shrunk by that much so float rounding can never push an element across a
+quantization-bin edge.) ``margin_qbins`` quantization bins on both sides show the clamped
+tails; values beyond them, infinities included, are counted in the outermost bins, so the
+counts always sum to the number of non-NaN elements. NaNs are counted in one extra bin.
 
 Per-channel tensors are aggregated on the integer grid: each channel uses its own scale and zero
 point, and all channels share one histogram over q.
+
+On the CPU, per-tensor binning runs over cache-sized chunks with a few in-place passes each and
+counts into interleaved sub-histograms (long runs of one value, like ReLU zeros, would otherwise
+serialise the count). Nothing per element is allocated: gradients are binned by recomputing the
+indices from the forward value (see :meth:`GradientHistogram.add_paired`).
 """
 
 from __future__ import annotations
 
 import math
+import weakref
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -23,6 +31,10 @@ import torch
 
 DEFAULT_BINS_PER_QBIN = 9
 DEFAULT_MARGIN = 0.125
+_EPS = torch.finfo(torch.float32).eps
+_CHUNK = 1 << 16
+_LANES = 4
+_OVERFLOW = 1e37
 
 
 @dataclass(frozen=True)
@@ -64,6 +76,10 @@ class GridBins:
     @property
     def first_qbin(self) -> int:
         return self.quant_min - self.margin_qbins
+
+    @property
+    def last_qbin(self) -> int:
+        return self.quant_max + self.margin_qbins
 
     @property
     def n_qbins(self) -> int:
@@ -108,12 +124,333 @@ def effective_zero_point(
     return torch.round(zero_point.detach().float()).clamp(quant_min, quant_max)
 
 
-def _broadcast_shape(x: torch.Tensor, ch_axis: int | None) -> tuple[int, ...] | None:
-    if ch_axis is None:
-        return None
-    shape = [1] * x.dim()
-    shape[ch_axis] = x.shape[ch_axis]
-    return tuple(shape)
+@dataclass(frozen=True)
+class QuantGrid:
+    """One call's qparams on a histogram grid: which bin each value falls in.
+
+    ``scale`` (float32, clamped to eps like the quantizers do) and ``zero_point`` (the
+    effective integer zero point) are detached copies with one element, or one per channel
+    along ``ch_axis``; ``grid.quant_min``/``quant_max`` is the quantization range.
+    """
+
+    grid: GridBins
+    scale: torch.Tensor
+    zero_point: torch.Tensor
+    ch_axis: int | None = None
+
+    @classmethod
+    def capture(
+        cls,
+        scale: torch.Tensor,
+        zero_point: torch.Tensor,
+        grid: GridBins,
+        *,
+        ch_axis: int | None = None,
+    ) -> QuantGrid:
+        """Snapshot of the qparams (later changes to the module's tensors do not leak in)."""
+        scale = scale.detach().float().reshape(-1).clamp_min(_EPS)
+        zero_point = effective_zero_point(zero_point, grid.quant_min, grid.quant_max).reshape(-1)
+        if ch_axis is None and scale.numel() != 1:
+            raise ValueError(
+                f"per-tensor binning needs one scale, got {scale.numel()}; pass ch_axis for per-channel"
+            )
+        if zero_point.numel() not in (1, scale.numel()):
+            raise ValueError(f"{scale.numel()} scales but {zero_point.numel()} zero points")
+        return cls(grid, scale, zero_point.expand(scale.shape).clone(), ch_axis)
+
+    def quantize(self, x: torch.Tensor) -> torch.Tensor:
+        """What a fake quantizer with these qparams outputs: (clamp(round(x/s) + z) - z) * s."""
+        plan = _Plan.build(x, self)
+        q = torch.mul(x.detach().to(plan.compute), plan.inv_scale).round_().add_(plan.zero_point)
+        q.clamp_(self.grid.quant_min, self.grid.quant_max).sub_(plan.zero_point)
+        return q.mul_(plan.scale)
+
+    def same_qparams(self, other: QuantGrid) -> bool:
+        return (
+            self is other
+            or (
+                self.grid.quant_min == other.grid.quant_min
+                and self.grid.quant_max == other.grid.quant_max
+                and self.ch_axis == other.ch_axis
+                and torch.equal(self.scale, other.scale)
+                and torch.equal(self.zero_point, other.zero_point)
+            )
+        )
+
+
+def _ulp(value: float, dtype: torch.dtype) -> float:
+    mantissa_bits = 53 if dtype == torch.float64 else 24
+    return 2.0 ** (math.frexp(value)[1] - mantissa_bits)
+
+
+def is_channels_last(x: torch.Tensor) -> bool:
+    """Whether ``x`` is a 4-d tensor stored NHWC (then it is flattened in that memory order)."""
+    return x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last)
+
+
+def flatten_as(t: torch.Tensor, channels_last: bool) -> torch.Tensor:
+    """1-d view of ``t`` in NHWC order if ``channels_last`` else in logical order.
+
+    Tensors flattened with the same flag line up element by element whatever their strides,
+    so a gradient pairs with the forward value it belongs to; a copy is made only when ``t``
+    is not stored in that order.
+    """
+    if channels_last:
+        return t.permute(0, 2, 3, 1).reshape(-1)
+    return t.reshape(-1)
+
+
+@dataclass(frozen=True)
+class _Plan:
+    """Constants of the index formula for one tensor, shaped to broadcast over it.
+
+    index = clamp(r + w * (u - r), L_lo, L_hi) * B + const, with r = round(u), w just below 1
+    and const = B * (z - first) + B / 2; L_lo/L_hi keep the index within the histogram.
+    """
+
+    compute: torch.dtype
+    scale: torch.Tensor
+    inv_scale: torch.Tensor
+    zero_point: torch.Tensor
+    weight: float
+    low: torch.Tensor
+    high: torch.Tensor
+    const: torch.Tensor
+    u_low: torch.Tensor
+    u_high: torch.Tensor
+
+    @classmethod
+    def build(cls, x: torch.Tensor, qgrid: QuantGrid) -> _Plan:
+        compute = torch.float64 if x.dtype == torch.float64 else torch.float32
+        grid = qgrid.grid
+        scale = qgrid.scale.to(x.device)
+        inv_scale = torch.reciprocal(scale).to(compute)
+        zero_point = qgrid.zero_point.to(x.device, compute)
+        scale = scale.to(compute)
+        if qgrid.ch_axis is not None:
+            if x.dim() == 0 or x.shape[qgrid.ch_axis] != scale.numel():
+                raise ValueError(
+                    f"per-channel binning on axis {qgrid.ch_axis} of shape {tuple(x.shape)} "
+                    f"needs that many scales, got {scale.numel()}"
+                )
+            shape = [1] * x.dim()
+            shape[qgrid.ch_axis] = -1
+        else:
+            shape = []
+        scale, inv_scale, zero_point = (t.reshape(shape) for t in (scale, inv_scale, zero_point))
+        # Shrink e by delta so that the roundings of the index (ulps of the largest grid
+        # coordinate and of the largest lane-offset index) can never carry it into the next
+        # quantization bin.
+        largest_index = float(_LANES * (grid.n_bins + 1))
+        delta = 8 * (_ulp(float(grid.n_qbins + 1), compute) + _ulp(largest_index, compute) / grid.bins_per_qbin)
+        B = grid.bins_per_qbin
+        return cls(
+            compute=compute,
+            scale=scale,
+            inv_scale=inv_scale,
+            zero_point=zero_point,
+            weight=1.0 - delta,
+            low=grid.first_qbin - zero_point - 0.5 + delta / 2,
+            high=grid.last_qbin - zero_point + 0.5 - delta / 2,
+            const=(zero_point - grid.first_qbin) * B + B / 2,
+            u_low=grid.first_qbin - 2 - zero_point,
+            u_high=grid.last_qbin + 2 - zero_point,
+        )
+
+    def scalars(self) -> tuple[float, float, float, float, float]:
+        """(1/s, z, const, L_lo, L_hi) as Python floats, for the per-tensor CPU loop."""
+        return (
+            float(self.inv_scale),
+            float(self.zero_point),
+            float(self.const),
+            float(self.low),
+            float(self.high),
+        )
+
+
+def _index_whole(u: torch.Tensor, plan: _Plan, grid: GridBins) -> torch.Tensor:
+    """Float bin index of every grid coordinate ``u`` (overwritten); NaN -> nan bin.
+
+    Clamping u first makes infinities finite, so they land in the outermost bins.
+    """
+    u = torch.clamp(u, min=plan.u_low, max=plan.u_high, out=u)
+    r = torch.round(u)
+    torch.lerp(r, u, plan.weight, out=u)
+    u.clamp_(min=plan.low, max=plan.high)
+    u.mul_(grid.bins_per_qbin).add_(plan.const)
+    return u.nan_to_num_(nan=float(grid.nan_bin))
+
+
+_LANE_BASES: dict[tuple[int, int, torch.dtype], torch.Tensor] = {}
+
+
+def _lane_offsets(size: int, length: int, dtype: torch.dtype) -> torch.Tensor:
+    """Offset of each element's sub-histogram: element i counts in lane i % 4 (cached)."""
+    key = (size, length, dtype)
+    base = _LANE_BASES.get(key)
+    if base is None:
+        if len(_LANE_BASES) > 64:
+            _LANE_BASES.clear()
+        base = _LANE_BASES[key] = (torch.arange(size) % _LANES).mul_(length).to(dtype)
+    return base
+
+
+def _fold_lanes(counts: torch.Tensor, length: int) -> torch.Tensor:
+    return counts.view(_LANES, length).sum(0)
+
+
+@dataclass
+class BinCounts:
+    """One call's counts (``grid.n_bins + 1`` entries, the last one NaNs) and extremes.
+
+    ``lows``/``highs`` are (value, grid coordinate u + z) minima/maxima of the finite elements,
+    +inf/-inf when there are none. ``fast`` says every element was finite and of moderate size,
+    which lets the gradient pass take the chunked path.
+    """
+
+    counts: torch.Tensor
+    lows: torch.Tensor
+    highs: torch.Tensor
+    inf_count: torch.Tensor
+    numel: int
+    fast: bool
+
+    @property
+    def value_range(self) -> tuple[float, float]:
+        return float(self.lows[0]), float(self.highs[0])
+
+
+class _ChunkIndexer:
+    """Bin indices of a per-tensor CPU tensor, a cache-sized chunk at a time.
+
+    For each chunk: u = x * (1/s), r = round(u) (the quantizer's own operations), then the
+    index lane + B * clamp(r + w * (u - r)) + const in three in-place passes, the clamp skipped
+    when the chunk lies well inside the histogram. Indices are int32 with the lane offset of
+    their sub-histogram added (see :func:`_fold_lanes`).
+    """
+
+    def __init__(self, plan: _Plan, grid: GridBins, size: int, batch: int = 1) -> None:
+        self.inv, _, const, self.low, self.high = plan.scalars()
+        self.weight = plan.weight
+        self.B = grid.bins_per_qbin
+        self.length = grid.n_bins + 1
+        self.size = size
+        self.lane_base = _lane_offsets(size, self.length, torch.int32)
+        self.lanes = _lane_offsets(size, self.length, plan.compute) + const
+        self.u = torch.empty(size, dtype=plan.compute)
+        self.r = torch.empty(size, dtype=plan.compute)
+        self.index = torch.empty(size * batch, dtype=torch.int32)
+        # Chunks whose u lies in [safe_low, safe_high] need no clamp.
+        self.safe_low, self.safe_high = self.low + 1.0, self.high - 1.0
+
+    def grid(self, xc: torch.Tensor, m: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """u = x * (1/s) and r = round(u) of a chunk of m elements (views into scratch)."""
+        u, r = (self.u, self.r) if m == self.size else (self.u[:m], self.r[:m])
+        torch.mul(xc, self.inv, out=u)
+        torch.round(u, out=r)
+        return u, r
+
+    def finish(self, u: torch.Tensor, r: torch.Tensor, slot: int, m: int, inside: bool) -> torch.Tensor:
+        """Turn (u, r) into lane-offset indices in ``index[slot * size:]``; u is overwritten."""
+        lanes = self.lanes if m == self.size else self.lanes[:m]
+        index = self.index[slot * self.size : slot * self.size + m]
+        torch.lerp(r, u, self.weight, out=u)
+        if not inside:
+            u.clamp_(self.low, self.high)
+        torch.add(lanes, u, alpha=self.B, out=u)
+        index.copy_(u)
+        return index
+
+
+_COUNT_BATCH = 4
+
+
+def _bin_cpu_chunked(
+    xf: torch.Tensor, plan: _Plan, grid: GridBins, indices: torch.Tensor | None = None
+) -> BinCounts | None:
+    """Per-tensor CPU path; None when x holds NaN/inf or huge values (use the robust path).
+
+    ``indices``, when given, receives every element's bin (without lane offsets).
+    """
+    n = xf.numel()
+    chunker = _ChunkIndexer(plan, grid, min(_CHUNK, n), _COUNT_BATCH)
+    inv, size, length = chunker.inv, chunker.size, chunker.length
+    counts = torch.zeros(_LANES * length, dtype=torch.int64)
+    low_value, high_value = math.inf, -math.inf
+    slot = 0
+    for start in range(0, n, size):
+        stop = min(start + size, n)
+        m = stop - start
+        xc = xf[start:stop]
+        if xc.dtype != plan.compute:
+            xc = xc.to(plan.compute)
+        low, high = torch.aminmax(xc)
+        low, high = float(low), float(high)
+        if not (math.isfinite(low) and math.isfinite(high)) or max(-low, high) * inv > _OVERFLOW:
+            return None
+        low_value, high_value = min(low_value, low), max(high_value, high)
+        u, r = chunker.grid(xc, m)
+        inside = chunker.safe_low <= low * inv and high * inv <= chunker.safe_high
+        index = chunker.finish(u, r, slot, m, inside)
+        if indices is not None:
+            torch.sub(index, chunker.lane_base[:m], out=indices[start:stop])
+        slot += 1
+        if slot == _COUNT_BATCH or stop == n:
+            counts.add_(torch.bincount(chunker.index[: (slot - 1) * size + m], minlength=_LANES * length))
+            slot = 0
+    zero_point = float(plan.zero_point)
+    return BinCounts(
+        counts=_fold_lanes(counts, length),
+        lows=torch.tensor([low_value, low_value * inv + zero_point], dtype=torch.float64),
+        highs=torch.tensor([high_value, high_value * inv + zero_point], dtype=torch.float64),
+        inf_count=torch.zeros((), dtype=torch.int64),
+        numel=n,
+        fast=True,
+    )
+
+
+def _extremes(xc: torch.Tensor, u: torch.Tensor, plan: _Plan) -> tuple[torch.Tensor, torch.Tensor]:
+    if xc.numel() == 0:
+        inf = torch.full((2,), math.inf, dtype=torch.float64, device=xc.device)
+        return inf, -inf
+    finite = torch.isfinite(xc)
+    grid_u = u + plan.zero_point
+    lows = torch.stack(
+        [torch.where(finite, xc, math.inf).amin(), torch.where(finite, grid_u, math.inf).amin()]
+    )
+    highs = torch.stack(
+        [torch.where(finite, xc, -math.inf).amax(), torch.where(finite, grid_u, -math.inf).amax()]
+    )
+    return lows.double(), highs.double()
+
+
+def _index_robust(x: torch.Tensor, plan: _Plan, grid: GridBins) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(int64 index shaped like x, lows, highs) on any device, without host synchronisation."""
+    xc = x.detach().to(plan.compute)
+    u = torch.mul(xc, plan.inv_scale)
+    lows, highs = _extremes(xc, u, plan)
+    return _index_whole(u, plan, grid).long(), lows, highs
+
+
+def bin_tensor(x: torch.Tensor, qgrid: QuantGrid) -> BinCounts:
+    """Count every element of ``x`` in its bin of ``qgrid``; never raises on NaN or inf."""
+    x = x.detach()
+    grid = qgrid.grid
+    plan = _Plan.build(x, qgrid)
+    if x.numel() and x.device.type == "cpu" and qgrid.ch_axis is None:
+        counted = _bin_cpu_chunked(flatten_as(x, is_channels_last(x)), plan, grid)
+        if counted is not None:
+            return counted
+    index, lows, highs = _index_robust(x, plan, grid)
+    counts = torch.bincount(index.reshape(-1), minlength=grid.n_bins + 1)
+    return BinCounts(
+        counts=counts,
+        lows=lows,
+        highs=highs,
+        inf_count=torch.isinf(x).sum(),
+        numel=x.numel(),
+        fast=False,
+    )
 
 
 def bin_indices(
@@ -124,36 +461,225 @@ def bin_indices(
     *,
     ch_axis: int | None = None,
 ) -> torch.Tensor:
-    """Histogram bin index (int32) of every element of ``x``; NaNs get ``grid.nan_bin``.
+    """Histogram bin index (int32, shaped like ``x``) of every element; NaNs get ``grid.nan_bin``.
 
     ``scale`` and ``zero_point`` have one element (per tensor) or ``x.shape[ch_axis]`` elements.
     The bin of x is the one the fake quantizer rounds it into, at every rounding tie.
     """
-    compute = torch.float64 if x.dtype == torch.float64 else torch.float32
-    x = x.detach().to(compute)
-    scale = scale.detach().to(device=x.device, dtype=compute)
-    zp = effective_zero_point(zero_point, grid.quant_min, grid.quant_max).to(x.device, compute)
-    shape = _broadcast_shape(x, ch_axis)
-    if shape is not None:
-        scale = scale.reshape(shape)
-        zp = zp.reshape(shape)
-    elif scale.numel() != 1:
-        raise ValueError(
-            f"per-tensor binning needs one scale, got {scale.numel()}; pass ch_axis for per-channel"
+    qgrid = QuantGrid.capture(scale, zero_point, grid, ch_axis=ch_axis)
+    x = x.detach()
+    plan = _Plan.build(x, qgrid)
+    if x.numel() and x.device.type == "cpu" and ch_axis is None:
+        channels_last = is_channels_last(x)
+        flat = torch.empty(x.numel(), dtype=torch.int32)
+        if _bin_cpu_chunked(flatten_as(x, channels_last), plan, grid, flat) is not None:
+            if channels_last:
+                n, c, h, w = x.shape
+                return flat.view(n, h, w, c).permute(0, 3, 1, 2)
+            return flat.view(x.shape)
+    return _index_robust(x, plan, grid)[0].to(torch.int32)
+
+
+@dataclass(frozen=True)
+class ValueScan:
+    """x's finite min and max (float units) and whether every element is finite.
+
+    One reduction pass; it decides whether the chunked CPU path applies and gives the counts
+    their extremes when they are computed later, with the gradient.
+    """
+
+    low: float
+    high: float
+    finite: bool
+
+    def fast_for(self, plan: _Plan) -> bool:
+        return self.finite and max(-self.low, self.high) * float(plan.inv_scale.max()) < _OVERFLOW
+
+
+def scan_values(x: torch.Tensor) -> ValueScan:
+    """Scan ``x`` once (a host sync on accelerators); never raises on NaN, inf or empty x."""
+    x = x.detach()
+    if x.numel() == 0:
+        return ValueScan(math.inf, -math.inf, True)
+    low, high = (float(v) for v in torch.aminmax(x))
+    if math.isfinite(low) and math.isfinite(high):
+        return ValueScan(low, high, True)
+    finite = x[torch.isfinite(x)]
+    if finite.numel() == 0:
+        return ValueScan(math.inf, -math.inf, False)
+    low, high = (float(v) for v in torch.aminmax(finite))
+    return ValueScan(low, high, False)
+
+
+@dataclass
+class GradientBins:
+    """One backward's float64 per-bin gradient sums, optional score and forward counts."""
+
+    sums: torch.Tensor
+    score: torch.Tensor | None
+    counts: BinCounts | None = None
+
+
+def _score_terms(
+    x: torch.Tensor, grad: torch.Tensor, quantizer: QuantGrid
+) -> torch.Tensor:
+    """sum(grad^2 * (quantized - x)^2) over the elements whose forward value is finite."""
+    xd = x.detach().double()
+    term = (quantizer.quantize(x).double() - xd).mul_(grad.detach().double())
+    term = torch.where(torch.isfinite(xd), term, 0.0)
+    return torch.dot(term.reshape(-1), term.reshape(-1))
+
+
+def _bin_gradient_chunked(
+    xf: torch.Tensor,
+    gf: torch.Tensor,
+    plan: _Plan,
+    qgrid: QuantGrid,
+    quantizer: QuantGrid | None,
+    scan: ValueScan,
+    count: bool,
+) -> GradientBins:
+    """Per-tensor CPU path for finite x: compute each chunk's indices once, bin the gradient
+    (and, with ``count``, count x) on them. ``scan`` lets clamps that cannot bite be skipped.
+
+    This is the hot loop of a sensitivity pass, so it works on preallocated views and keeps
+    Python work per chunk to the op calls themselves.
+    """
+    n = xf.numel()
+    chunker = _ChunkIndexer(plan, qgrid.grid, min(_CHUNK, n), _COUNT_BATCH)
+    inv, size, length = chunker.inv, chunker.size, chunker.length
+    weight, B, low, high = chunker.weight, chunker.B, chunker.low, chunker.high
+    wide = torch.empty(size * _COUNT_BATCH, dtype=torch.float64)
+    sums = torch.zeros(_LANES * length, dtype=torch.float64)
+    counts = torch.zeros(_LANES * length, dtype=torch.int64) if count else None
+    u_low, u_high = scan.low * inv, scan.high * inv
+    inside = chunker.safe_low <= u_low and u_high <= chunker.safe_high
+    shared = quantizer is not None and quantizer.same_qparams(qgrid)
+    if quantizer is not None:
+        q_plan = plan if shared else _Plan.build(xf, quantizer)
+        q_inv, q_zero = float(q_plan.inv_scale), float(q_plan.zero_point)
+        q_low, q_high = quantizer.grid.quant_min - q_zero, quantizer.grid.quant_max - q_zero
+        unclamped = q_low <= scan.low * q_inv and scan.high * q_inv <= q_high
+        error = torch.empty(size, dtype=plan.compute)
+        partial = []
+    index_slots = [chunker.index[k * size : (k + 1) * size] for k in range(_COUNT_BATCH)]
+    wide_slots = [wide[k * size : (k + 1) * size] for k in range(_COUNT_BATCH)]
+    u, r, lanes = chunker.u, chunker.r, chunker.lanes
+    e = error if quantizer is not None else None
+    slot = filled = 0
+    for start in range(0, n, size):
+        stop = min(start + size, n)
+        xc, gc = xf[start:stop], gf[start:stop]
+        if xc.dtype != plan.compute:
+            xc = xc.to(plan.compute)
+        index_slot, wide_slot = index_slots[slot], wide_slots[slot]
+        if stop - start != size:
+            m = stop - start
+            u, r, lanes, index_slot, wide_slot = u[:m], r[:m], lanes[:m], index_slot[:m], wide_slot[:m]
+            e = e[:m] if e is not None else None
+        torch.mul(xc, inv, out=u)
+        torch.round(u, out=r)
+        if e is not None:
+            # (quantized - x) / s in grid units: clamp(round(u)) - u.
+            if not shared:
+                torch.mul(xc, q_inv, out=e)
+                e.sub_(torch.round(e).clamp_(q_low, q_high)).neg_()
+            elif unclamped:
+                torch.sub(r, u, out=e)
+            else:
+                torch.clamp(r, q_low, q_high, out=e)
+                e.sub_(u)
+            e.mul_(gc)
+            partial.append(torch.dot(e, e))
+        torch.lerp(r, u, weight, out=u)
+        if not inside:
+            u.clamp_(low, high)
+        torch.add(lanes, u, alpha=B, out=u)
+        index_slot.copy_(u)
+        wide_slot.copy_(gc)
+        slot += 1
+        filled += stop - start
+        if slot == _COUNT_BATCH or stop == n:
+            index = chunker.index[:filled]
+            sums.add_(torch.bincount(index, weights=wide[:filled], minlength=_LANES * length))
+            if counts is not None:
+                counts.add_(torch.bincount(index, minlength=_LANES * length))
+            slot = filled = 0
+    score = None
+    if quantizer is not None:
+        # The error was in grid units; scale it back once.
+        score = torch.stack(partial).double().sum() * float(quantizer.scale) ** 2
+    counted = None
+    if counts is not None:
+        zero_point = float(plan.zero_point)
+        counted = BinCounts(
+            counts=_fold_lanes(counts, length),
+            lows=torch.tensor([scan.low, u_low + zero_point], dtype=torch.float64),
+            highs=torch.tensor([scan.high, u_high + zero_point], dtype=torch.float64),
+            inf_count=torch.zeros((), dtype=torch.int64),
+            numel=n,
+            fast=True,
         )
-    inv_scale = torch.reciprocal(scale.clamp_min(torch.finfo(torch.float32).eps))
-    u = x * inv_scale
-    rounded = torch.round(u)
-    sub = (u - rounded).add_(0.5).mul_(grid.bins_per_qbin).floor_()
-    sub.nan_to_num_(nan=0.0).clamp_(0, grid.bins_per_qbin - 1)
-    index = rounded.add_(zp - grid.first_qbin).mul_(grid.bins_per_qbin).add_(sub)
-    index.clamp_(0, grid.n_bins - 1).nan_to_num_(nan=float(grid.nan_bin))
-    return index.to(torch.int32)
+    return GradientBins(_fold_lanes(sums, length), score, counted)
+
+
+def bin_gradient(
+    x: torch.Tensor,
+    grad: torch.Tensor,
+    qgrid: QuantGrid,
+    *,
+    quantizer: QuantGrid | None = None,
+    scan: ValueScan | None = None,
+    count: bool = False,
+) -> GradientBins:
+    """Sum ``grad`` into the bins of the forward value ``x`` it belongs to (float64).
+
+    With ``quantizer`` (the module's actual qparams; usually ``qgrid`` itself) also returns the
+    sensitivity score sum(grad^2 * (quantized - x)^2) over the finite elements of x; with
+    ``count`` also the counts of x on the same indices (what :func:`bin_tensor` would give).
+    ``scan`` (from :func:`scan_values` on the same x) saves scanning x again.
+    """
+    x, grad = x.detach(), grad.detach()
+    if x.shape != grad.shape:
+        raise ValueError(
+            f"gradient of shape {tuple(grad.shape)} does not belong to a forward value of shape {tuple(x.shape)}"
+        )
+    grid = qgrid.grid
+    plan = _Plan.build(x, qgrid)
+    per_tensor = qgrid.ch_axis is None and (quantizer is None or quantizer.ch_axis is None)
+    if x.numel() and x.device.type == "cpu" and per_tensor:
+        scan = scan if scan is not None else scan_values(x)
+        if scan.fast_for(plan):
+            channels_last = is_channels_last(x)
+            return _bin_gradient_chunked(
+                flatten_as(x, channels_last),
+                flatten_as(grad, channels_last),
+                plan,
+                qgrid,
+                quantizer,
+                scan,
+                count,
+            )
+    index, lows, highs = _index_robust(x, plan, grid)
+    index = index.reshape(-1)
+    sums = torch.bincount(index, weights=grad.reshape(-1).double(), minlength=grid.n_bins + 1)
+    score = _score_terms(x, grad, quantizer) if quantizer is not None else None
+    counted = None
+    if count:
+        counted = BinCounts(
+            counts=torch.bincount(index, minlength=grid.n_bins + 1),
+            lows=lows,
+            highs=highs,
+            inf_count=torch.isinf(x).sum(),
+            numel=x.numel(),
+            fast=False,
+        )
+    return GradientBins(sums, score, counted)
 
 
 @dataclass(frozen=True)
 class HistogramStats:
-    """Summary of a histogram; every mass is a share of the non-NaN elements."""
+    """Summary of a histogram; every mass is a share of the non-NaN elements (or gradient mass)."""
 
     numel: int
     clamped_below: float
@@ -175,50 +701,86 @@ class HistogramStats:
         return self.nan_count > 0 or self.inf_count > 0
 
 
-@dataclass
+def _to_range(lows: torch.Tensor | None, highs: torch.Tensor | None, row: int) -> tuple[float, float]:
+    if lows is None:
+        return math.nan, math.nan
+    low, high = float(lows[row]), float(highs[row])
+    if not (math.isfinite(low) and math.isfinite(high)):
+        return math.nan, math.nan
+    return low, high
+
+
+@dataclass(eq=False)
 class TensorHistogram:
     """Counts of a tensor's elements on its quantization grid, accumulated over calls.
 
-    Accumulates on the tensor's device; every public attribute reads back on the CPU.
+    Accumulates on the tensor's device; every public attribute reads back on the CPU as numpy.
     ``hist`` and ``bin_edges`` keep the seed's names (``bin_edges`` is in float units for a
-    per-tensor histogram and in grid units for a per-channel one).
+    per-tensor histogram, using the scale of the last call, and in grid units for a per-channel
+    one). Calls with different scales add up on the grid, not in float units.
+
+    Counts of a call may arrive later (SA hooks count a value together with its gradient, so its
+    indices are computed once): such calls are registered with :meth:`defer`, and every read
+    settles the ones still outstanding first, so what is read is always complete.
     """
 
     grid: GridBins
     ch_axis: int | None = None
     _counts: torch.Tensor | None = field(default=None, repr=False)
-    _scale: torch.Tensor | None = field(default=None, repr=False)
-    _zero_point: torch.Tensor | None = field(default=None, repr=False)
-    _extremes: list[torch.Tensor] = field(default_factory=list, repr=False)
-    inf_count: int = 0
-    calls: int = 0
+    _qgrid: QuantGrid | None = field(default=None, repr=False)
+    _lows: torch.Tensor | None = field(default=None, repr=False)
+    _highs: torch.Tensor | None = field(default=None, repr=False)
+    _inf_count: torch.Tensor | None = field(default=None, repr=False)
+    _calls: int = field(default=0, repr=False)
+    _pending: weakref.WeakSet = field(default_factory=weakref.WeakSet, repr=False)
+    _orphans: list = field(default_factory=list, repr=False)
 
-    def update(self, x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor) -> torch.Tensor:
-        """Add ``x`` to the histogram and return its bin indices (for pairing gradients)."""
-        index = bin_indices(x, scale, zero_point, self.grid, ch_axis=self.ch_axis)
-        counts = torch.bincount(index.flatten(), minlength=self.grid.n_bins + 1)
-        self._counts = counts if self._counts is None else self._counts + counts
-        self._scale = scale.detach().clone()
-        self._zero_point = effective_zero_point(zero_point, self.grid.quant_min, self.grid.quant_max)
-        if x.numel():
-            lo, hi = torch.aminmax(x.detach())
-            if not (torch.isfinite(lo) and torch.isfinite(hi)):
-                lo, hi = self._finite_extremes(x)
-            self._extremes.append(torch.stack([lo, hi]).float())
-        self.calls += 1
-        return index
+    def update(self, x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor) -> BinCounts:
+        """Add ``x`` binned with the given qparams (one, or one per channel along ``ch_axis``)."""
+        qgrid = QuantGrid.capture(scale, zero_point, self.grid, ch_axis=self.ch_axis)
+        counted = bin_tensor(x, qgrid)
+        self.add(counted, qgrid)
+        return counted
 
-    def _finite_extremes(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        x = x.detach()
-        self.inf_count += int(torch.isinf(x).sum())
-        finite = x[torch.isfinite(x)]
-        if finite.numel() == 0:
-            nan = torch.tensor(float("nan"), device=x.device)
-            return nan, nan
-        return torch.aminmax(finite)
+    def add(self, counted: BinCounts, qgrid: QuantGrid) -> None:
+        """Accumulate one call's counts and extremes; ``qgrid`` becomes the last qparams."""
+        if qgrid.grid != self.grid:
+            raise ValueError(f"counts on {qgrid.grid} cannot be added to a histogram on {self.grid}")
+        if self._counts is None:
+            self._counts = counted.counts.clone()
+            self._lows = counted.lows.clone()
+            self._highs = counted.highs.clone()
+            self._inf_count = counted.inf_count.clone()
+        else:
+            self._counts += counted.counts
+            self._lows = torch.minimum(self._lows, counted.lows)
+            self._highs = torch.maximum(self._highs, counted.highs)
+            self._inf_count = self._inf_count + counted.inf_count
+        self._qgrid = qgrid
+        self._calls += 1
+
+    def defer(self, pending: object) -> None:
+        """Register a call whose counts come later; ``pending.settle()`` must add them."""
+        self._pending.add(pending)
+
+    def orphan(self, pending: object) -> None:
+        """Keep a deferred call whose backward will never come, to be settled on the next read."""
+        self._orphans.append(pending)
+
+    def settle(self, *, orphans_only: bool = False) -> None:
+        """Add the counts of every deferred call still outstanding (or only the orphaned ones)."""
+        orphans, self._orphans = self._orphans, []
+        for pending in orphans if orphans_only else [*orphans, *self._pending]:
+            pending.settle()
+
+    @property
+    def calls(self) -> int:
+        self.settle()
+        return self._calls
 
     @property
     def counts(self) -> np.ndarray:
+        self.settle()
         if self._counts is None:
             return np.zeros(self.grid.n_bins, dtype=np.int64)
         return self._counts[: self.grid.n_bins].cpu().numpy()
@@ -227,24 +789,33 @@ class TensorHistogram:
 
     @property
     def nan_count(self) -> int:
+        self.settle()
         return 0 if self._counts is None else int(self._counts[self.grid.nan_bin])
+
+    @property
+    def inf_count(self) -> int:
+        self.settle()
+        return 0 if self._inf_count is None else int(self._inf_count)
 
     @property
     def numel(self) -> int:
         """Elements seen, NaNs included."""
+        self.settle()
         return 0 if self._counts is None else int(self._counts.sum())
 
     @property
     def scale(self) -> np.ndarray:
         """Scale(s) at the last update (float64)."""
-        return self._scale.double().cpu().numpy().reshape(-1) if self._scale is not None else np.ones(1)
+        self.settle()
+        return self._qgrid.scale.double().cpu().numpy() if self._qgrid is not None else np.ones(1)
 
     @property
     def zero_point(self) -> np.ndarray:
         """Effective integer zero point(s) at the last update."""
-        if self._zero_point is None:
+        self.settle()
+        if self._qgrid is None:
             return np.zeros(1, dtype=np.int64)
-        return self._zero_point.cpu().numpy().reshape(-1).astype(np.int64)
+        return self._qgrid.zero_point.cpu().numpy().astype(np.int64)
 
     @property
     def per_channel(self) -> bool:
@@ -260,20 +831,14 @@ class TensorHistogram:
     @property
     def value_range(self) -> tuple[float, float]:
         """Finite min and max of the data in float units (NaN when nothing finite was seen)."""
-        if not self._extremes:
-            return math.nan, math.nan
-        extremes = torch.stack(self._extremes).cpu()
-        return float(np.nanmin(extremes[:, 0].numpy())), float(np.nanmax(extremes[:, 1].numpy()))
+        self.settle()
+        return _to_range(self._lows, self._highs, 0)
 
     @property
     def grid_range(self) -> tuple[float, float]:
-        """The data's dynamic range in grid units (q), using the smallest scale per side."""
-        lo, hi = self.value_range
-        scale = self.scale
-        zp = self.zero_point
-        lo_q = np.min(lo / scale + zp)
-        hi_q = np.max(hi / scale + zp)
-        return float(lo_q), float(hi_q)
+        """Finite min and max of the data in grid units u + z, each call with its own qparams."""
+        self.settle()
+        return _to_range(self._lows, self._highs, 1)
 
     def stats(self) -> HistogramStats:
         return histogram_stats(
@@ -291,20 +856,50 @@ class GradientHistogram:
     """Gradients reaching a tensor, summed per histogram bin of the forward values they belong to.
 
     ``binned_grads`` (the seed's name) is float64 and reads back on the CPU; it covers the same
-    bins as the paired :class:`TensorHistogram`.
+    bins as the paired :class:`TensorHistogram`. ``score`` is the sensitivity
+    sum(grad^2 * (quantized - x)^2) over every paired element whose forward value was finite
+    (computed in grid units, to about 1e-4 relative).
     """
 
     grid: GridBins
     _sums: torch.Tensor | None = field(default=None, repr=False)
+    _score: torch.Tensor | None = field(default=None, repr=False)
+    numel: int = 0
+    nan_count: int = 0
+    inf_count: int = 0
     calls: int = 0
 
     def update(self, index: torch.Tensor, grad: torch.Tensor) -> None:
-        weights = grad.detach().flatten()
-        if weights.dtype not in (torch.float32, torch.float64):
-            weights = weights.float()
-        sums = torch.bincount(index.flatten(), weights=weights, minlength=self.grid.n_bins + 1)
-        sums = sums.double()
-        self._sums = sums if self._sums is None else self._sums + sums
+        """Add ``grad`` binned by explicit indices (from :func:`bin_indices`, shaped like it)."""
+        if index.numel() != grad.numel():
+            raise ValueError(f"{grad.numel()} gradients for {index.numel()} indices")
+        weights = grad.detach().reshape(-1).double()
+        sums = torch.bincount(index.reshape(-1).long(), weights=weights, minlength=self.grid.n_bins + 1)
+        self.add(GradientBins(sums, None), grad)
+
+    def add_paired(
+        self,
+        x: torch.Tensor,
+        grad: torch.Tensor,
+        qgrid: QuantGrid,
+        *,
+        quantizer: QuantGrid | None = None,
+        scan: ValueScan | None = None,
+    ) -> None:
+        """Add the gradient of forward value ``x`` binned on ``qgrid`` (see :func:`bin_gradient`)."""
+        if qgrid.grid != self.grid:
+            raise ValueError(f"gradients on {qgrid.grid} cannot be added to a histogram on {self.grid}")
+        self.add(bin_gradient(x, grad, qgrid, quantizer=quantizer, scan=scan), grad)
+
+    def add(self, binned: GradientBins, grad: torch.Tensor) -> None:
+        """Accumulate one backward's sums (and score) of ``grad``."""
+        if not bool(torch.isfinite(binned.sums).all()):
+            self.nan_count += int(torch.isnan(grad).sum())
+            self.inf_count += int(torch.isinf(grad).sum())
+        self._sums = binned.sums if self._sums is None else self._sums + binned.sums
+        if binned.score is not None:
+            self._score = binned.score if self._score is None else self._score + binned.score
+        self.numel += grad.numel()
         self.calls += 1
 
     @property
@@ -318,6 +913,37 @@ class GradientHistogram:
         """Sum of the gradients that reached NaN forward values."""
         return 0.0 if self._sums is None else float(self._sums[self.grid.nan_bin])
 
+    @property
+    def total(self) -> float:
+        """Sum of every gradient seen (those of NaN forward values included)."""
+        return 0.0 if self._sums is None else float(self._sums.sum())
+
+    @property
+    def score(self) -> float:
+        """Sensitivity sum(grad^2 * (quantized - x)^2); NaN when no score was computed."""
+        return math.nan if self._score is None else float(self._score)
+
+    @property
+    def has_nonfinite(self) -> bool:
+        return self.nan_count > 0 or self.inf_count > 0
+
+    def stats(
+        self,
+        *,
+        zero_point: np.ndarray | int = 0,
+        grid_range: tuple[float, float] = (math.nan, math.nan),
+    ) -> HistogramStats:
+        """Statistics of the gradient mass |binned_grads| (shares of the total absolute mass)."""
+        return histogram_stats(
+            np.abs(self.binned_grads),
+            self.grid,
+            zero_point=zero_point,
+            grid_range=grid_range,
+            nan_count=self.nan_count,
+            inf_count=self.inf_count,
+            numel=self.numel,
+        )
+
 
 def histogram_stats(
     counts: np.ndarray,
@@ -327,8 +953,13 @@ def histogram_stats(
     grid_range: tuple[float, float] = (math.nan, math.nan),
     nan_count: int = 0,
     inf_count: int = 0,
+    numel: int | None = None,
 ) -> HistogramStats:
-    """Statistics of grid-aligned ``counts``; pure numpy, so baselines can be re-summarised."""
+    """Statistics of grid-aligned ``counts``; pure numpy, so baselines can be re-summarised.
+
+    ``counts`` may be any non-negative mass per bin (e.g. |binned gradients|); ``numel``
+    defaults to the total count plus NaNs.
+    """
     counts = np.asarray(counts, dtype=np.float64)
     total = counts.sum()
     share = counts / total if total > 0 else np.zeros_like(counts)
@@ -345,7 +976,7 @@ def histogram_stats(
     inside_total = inside_counts.sum()
     profile = inside_counts / inside_total if inside_total > 0 else np.zeros(grid.bins_per_qbin)
     return HistogramStats(
-        numel=int(total) + int(nan_count),
+        numel=int(total) + int(nan_count) if numel is None else int(numel),
         clamped_below=below,
         clamped_above=above,
         zero_bin=zero_bin,
