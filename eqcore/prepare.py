@@ -1,0 +1,142 @@
+"""Float model -> calibrated fake-quant model, the CLE tutorial's workflow as one call.
+
+trace (torch.fx) -> fold BatchNorm into the preceding layers -> optional cross-layer
+equalization -> torch.ao ``prepare_qat_fx`` with a recipe's eqcore quantizers. ``calibrate`` then
+runs data through the model with the observers setting scales and zero points.
+"""
+
+from __future__ import annotations
+
+import copy
+import warnings
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+import torch
+from torch import fx, nn
+
+from eqcore._torch_ao import FakeQuantizeBase, prepare_qat_fx
+from eqcore.cle import CLEPairs, equalize, find_cle_pairs
+from eqcore.errors import EQError
+from eqcore.fusion import float_convbn_to_conv
+from eqcore.qconfigs import Recipe, get_recipe
+from eqcore.toggles import disable_PTQ_observer, enable_fake_quant, enable_PTQ_observer
+
+
+@dataclass
+class PreparedModel:
+    """A fake-quant model with the float model it was prepared from.
+
+    ``float_model`` is the traced, BN-folded (and, with CLE, equalized) float model: module names
+    match ``model``'s, so it is the right reference for per-layer fidelity.
+    """
+
+    model: fx.GraphModule
+    float_model: fx.GraphModule
+    recipe: Recipe
+    cle_pairs: CLEPairs | None
+
+    @property
+    def quantizers(self) -> dict[str, FakeQuantizeBase]:
+        return fake_quant_modules(self.model)
+
+
+def fake_quant_modules(model: nn.Module) -> dict[str, FakeQuantizeBase]:
+    """Every fake-quant module of ``model`` by qualified name."""
+    return {name: m for name, m in model.named_modules() if isinstance(m, FakeQuantizeBase)}
+
+
+def trace(model: nn.Module) -> fx.GraphModule:
+    """``torch.fx.symbolic_trace`` with an error that says what to do when tracing fails."""
+    if isinstance(model, fx.GraphModule):
+        return copy.deepcopy(model)
+    try:
+        return fx.symbolic_trace(copy.deepcopy(model))
+    except Exception as exc:  # tracing raises many types; all mean the same to the user
+        raise EQError(
+            f"{type(model).__name__} is not FX-traceable ({type(exc).__name__}: {exc}); "
+            "make its forward free of data-dependent control flow, or wrap the untraceable "
+            "part with torch.fx.wrap"
+        ) from exc
+
+
+def prepare(
+    model: nn.Module,
+    recipe: str | Recipe,
+    example_inputs: tuple[torch.Tensor, ...],
+    *,
+    fuse_bn: bool = True,
+    cle: bool = False,
+    cle_threshold: float = 1e-4,
+) -> PreparedModel:
+    """Trace, fold BN, optionally equalize, and insert the recipe's fake quantizers.
+
+    The input model is not modified. The result is in eval mode with fake quantization and the
+    observers enabled, ready for :func:`calibrate`.
+    """
+    recipe = get_recipe(recipe)
+    float_model = trace(model).eval()
+    if fuse_bn:
+        float_model = float_convbn_to_conv(float_model, inplace=True)
+    pairs = None
+    if cle:
+        pairs = find_cle_pairs(float_model)
+        float_model = equalize(float_model, pairs, threshold=cle_threshold, inplace=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        warnings.simplefilter("ignore", FutureWarning)
+        quant_model = prepare_qat_fx(
+            copy.deepcopy(float_model), recipe.qconfig_mapping(float_model), example_inputs
+        )
+    quant_model.eval()
+    if not fake_quant_modules(quant_model):
+        raise EQError(
+            f"{type(model).__name__} has no layer the recipe {recipe.name!r} quantizes "
+            f"(it quantizes {', '.join(t.__name__ for t in recipe.layer_types)})"
+        )
+    quant_model.apply(enable_fake_quant)
+    quant_model.apply(enable_PTQ_observer)
+    return PreparedModel(model=quant_model, float_model=float_model, recipe=recipe, cle_pairs=pairs)
+
+
+def prepare_model(
+    model: nn.Module,
+    recipe: str | Recipe,
+    example_inputs: tuple[torch.Tensor, ...],
+    fuse_bn: bool = True,
+    cle: bool = False,
+    **kwargs: object,
+) -> fx.GraphModule:
+    """The fake-quant model of :func:`prepare` (see there)."""
+    return prepare(model, recipe, example_inputs, fuse_bn=fuse_bn, cle=cle, **kwargs).model
+
+
+def calibrate(
+    model: nn.Module,
+    loader: Iterable,
+    *,
+    batches: int | None = None,
+    device: torch.device | str | None = None,
+) -> int:
+    """Run data through ``model`` with the observers setting the qparams, then freeze them.
+
+    Batches may be tensors or (inputs, labels) pairs. Returns the number of samples seen. The
+    model is left in eval mode with fake quantization on and the observers off.
+    """
+    model.eval()
+    model.apply(enable_fake_quant)
+    model.apply(enable_PTQ_observer)
+    seen = 0
+    with torch.no_grad():
+        for index, batch in enumerate(loader):
+            if batches is not None and index >= batches:
+                break
+            inputs = batch[0] if isinstance(batch, (list, tuple)) else batch
+            if device is not None:
+                inputs = inputs.to(device)
+            model(inputs)
+            seen += inputs.shape[0]
+    if seen == 0:
+        raise EQError("calibrate() got no data: the loader is empty")
+    model.apply(disable_PTQ_observer)
+    return seen
