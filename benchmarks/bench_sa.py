@@ -96,20 +96,22 @@ def build_model() -> tuple[torch.nn.Module, torch.Tensor, str]:
     torch.manual_seed(0)
     model = torchvision.models.resnet18()
     example = torch.randn(1, 3, 224, 224)
+    generator = torch.Generator().manual_seed(1)
+    calibration = [torch.randn(BATCH, 3, 224, 224, generator=generator) for _ in range(2)]
     try:
-        from eqcore.prepare import prepare_model
+        from eqcore.prepare import calibrate, prepare_model
 
-        prepared, how = prepare_model(model, "w8a8", (example,)), "eqcore.prepare.prepare_model(w8a8)"
+        prepared, how = prepare_model(model, "w8a8", (example,)), "eqcore.prepare_model(w8a8) + calibrate"
+        calibrate(prepared, calibration)
     except ImportError:
         prepared, how = _seed_qconfig_model(model, example)
-    prepared.eval()
-    generator = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for _ in range(2):
-            prepared(torch.randn(BATCH, 3, 224, 224, generator=generator))
-    for module in prepared.modules():
-        if isinstance(module, FakeQuantizeBase):
-            module.enable_observer(False)
+        prepared.eval()
+        with torch.no_grad():
+            for batch in calibration:
+                prepared(batch)
+        for module in prepared.modules():
+            if isinstance(module, FakeQuantizeBase):
+                module.enable_observer(False)
     batch = torch.randn(BATCH, 3, 224, 224, generator=generator)
     return prepared, batch, how
 

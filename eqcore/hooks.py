@@ -613,8 +613,12 @@ def _model_device(model: nn.Module) -> torch.device:
     return torch.device("cpu")
 
 
-def _split_batch(batch: Any, device: torch.device, needs_graph: bool) -> tuple[tuple[torch.Tensor, ...], Any]:
-    """(model inputs, target) from a loader batch: a tensor, or (inputs, target, ...)."""
+def _split_batch(batch: Any, device: torch.device) -> tuple[tuple[torch.Tensor, ...], Any]:
+    """(model inputs, target) from a loader batch: a tensor, or (inputs, target, ...).
+
+    Float inputs are made to require grad, so the graph reaches the input quantizer too (its
+    qparams usually do not require grad once calibrated).
+    """
     if isinstance(batch, torch.Tensor):
         inputs, target = (batch,), None
     elif isinstance(batch, (tuple, list)) and batch:
@@ -630,7 +634,7 @@ def _split_batch(batch: Any, device: torch.device, needs_graph: bool) -> tuple[t
         if not isinstance(tensor, torch.Tensor):
             raise EQError(f"model inputs from the loader must be tensors, got {type(tensor).__name__}")
         tensor = tensor.to(device)
-        if needs_graph and tensor.is_floating_point():
+        if tensor.is_floating_point():
             tensor = tensor.detach().requires_grad_(True)
         moved.append(tensor)
     if isinstance(target, torch.Tensor):
@@ -688,14 +692,13 @@ def run_sensitivity_analysis(
         weight_modules = _weight_modules(model, conditions_met) if weights else []
         for _, module in weight_modules:
             module.weight.requires_grad_(True)
-        needs_graph = not any(p.requires_grad for p in model.parameters())
         forward, backward = add_sensitivity_analysis_hooks(
             model, conditions_met=conditions_met, bit_res=bit_res, score=True
         )
         for batch in loader:
             if seen >= batches:
                 break
-            inputs, target = _split_batch(batch, device, needs_graph)
+            inputs, target = _split_batch(batch, device)
             with torch.enable_grad():
                 output = model(*inputs)
                 _loss(output, target, loss_fn).backward()

@@ -14,7 +14,7 @@ from torch import nn
 
 from eqcore._torch_ao import QConfig, QConfigMapping, prepare_qat_fx, tq
 from eqcore.errors import EQError
-from eqcore.fusion import qat_convbn_to_conv
+from eqcore.prepare import calibrate, prepare_model
 from eqcore.histogram import bin_indices
 from eqcore.hooks import (
     ActHistogram,
@@ -25,7 +25,7 @@ from eqcore.hooks import (
     weight_histograms,
 )
 from eqcore.quantizers import EQFakeQuantize, EQLearnableFakeQuantize
-from eqcore.toggles import disable_PTQ_observer, enable_fake_quant
+from eqcore.toggles import disable_PTQ_observer
 
 
 def seed_qconfig_mapping(model: nn.Module) -> QConfigMapping:
@@ -66,13 +66,11 @@ def prepare(model: nn.Module, example: torch.Tensor) -> nn.Module:
 
 @pytest.fixture(scope="module")
 def fx_model() -> nn.Module:
+    """resnet18 (seeded init) prepared with the w8a8 recipe (BN folded) and calibrated."""
     torch.manual_seed(0)
     model = torchvision.models.resnet18().eval()
-    prepared = qat_convbn_to_conv(prepare(model, torch.randn(1, 3, 64, 64)).eval())
-    prepared.apply(enable_fake_quant)
-    with torch.no_grad():
-        prepared(torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(1)))
-    prepared.apply(disable_PTQ_observer)
+    prepared = prepare_model(model, "w8a8", (torch.randn(1, 3, 64, 64),))
+    calibrate(prepared, [torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(1))])
     return prepared
 
 
@@ -82,7 +80,8 @@ def three_batches() -> list[torch.Tensor]:
     normal = torch.randn(2, 3, 64, 64, generator=generator)
     heavy = torch.randn(1, 3, 64, 64, generator=generator) ** 3 * 2
     ramp = torch.linspace(-2, 3, 3 * 64 * 64).reshape(1, 3, 64, 64).repeat(3, 1, 1, 1)
-    return [normal, heavy, ramp]
+    # Inputs that require grad, so that the input quantizer gets gradients too.
+    return [batch.requires_grad_(True) for batch in (normal, heavy, ramp)]
 
 
 class Recorder:
@@ -263,7 +262,7 @@ def test_pass_through_quantizer_sees_only_its_own_gradient() -> None:
 def test_counts_without_a_backward_are_kept(fx_model: nn.Module) -> None:
     forward, backward = add_sensitivity_analysis_hooks(fx_model)
     name = next(iter(forward.hook_handles))
-    x = torch.randn(1, 3, 64, 64)
+    x = torch.randn(1, 3, 64, 64, requires_grad=True)
     per_call = x.numel()
     fx_model(x)  # graph built, never backpropagated, dropped
     out = fx_model(x)
