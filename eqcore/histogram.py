@@ -16,8 +16,10 @@ point, and all channels share one histogram over q.
 
 On the CPU, per-tensor binning runs over cache-sized chunks with a few in-place passes each and
 counts into interleaved sub-histograms (long runs of one value, like ReLU zeros, would otherwise
-serialise the count). Nothing per element is allocated: gradients are binned by recomputing the
-indices from the forward value (see :meth:`GradientHistogram.add_paired`).
+serialise the count). Nothing per element is allocated: gradients are binned by computing the
+indices from the forward value when the gradient arrives (:func:`bin_gradient`), which can
+count that value in the same pass. Other devices take the whole-tensor path, which never
+synchronises with the host.
 """
 
 from __future__ import annotations

@@ -1,12 +1,16 @@
 """Quantized tensor histograms (QTH) and sensitivity analysis (SA) through hooks.
 
 Activation hooks sit on fake-quant modules (any ``torch.ao`` ``FakeQuantizeBase``, eqcore's
-included) and histogram each module's *input* on the module's own quantization grid, read at
-the call (after the module's observer, if on, has set it). SA pairs every backward with the
-forward call that produced it: the forward hook bins x and registers a hook on that call's
-output tensor, which sums the incoming gradient dY into the bins of x and then drops the
-indices. So a module called several times per forward, any number of batches, and batches of
-different content all pair correctly, and no per-element state outlives the backward.
+included) and histogram each module's *input* x on the module's own quantization grid, with the
+qparams read at the call (after the module's observer, if on, has set them).
+
+SA pairs every backward with the forward call that produced it: the forward hook snapshots the
+call's qparams, scans x (min, max, finite) and registers a hook on that call's output tensor;
+when dY arrives, the indices of x are computed once and both x's counts and dY are binned on
+them. x itself is what the quantizer saves for its own backward, so nothing per element is
+kept beyond that. A module called several times per forward, any number of batches, and
+batches of different content all pair correctly. Counts of calls whose backward has not come
+yet are settled on any read, and those of graphs dropped without a backward on the next read.
 
 Entries keep the seed's attribute names: forward ``data[name]`` is a :class:`TensorHistogram`
 (``hist``, ``bin_edges``), backward ``data[name]`` a :class:`GradientHistogram`
@@ -17,7 +21,6 @@ and counted, and any other failure is stored in ``ActHistogram.errors`` under th
 from __future__ import annotations
 
 import logging
-import math
 import weakref
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
