@@ -853,7 +853,7 @@ class TensorHistogram:
         )
 
 
-@dataclass
+@dataclass(eq=False)
 class GradientHistogram:
     """Gradients reaching a tensor, summed per histogram bin of the forward values they belong to.
 
