@@ -25,6 +25,7 @@ synchronises with the host.
 from __future__ import annotations
 
 import math
+import threading
 import weakref
 from dataclasses import dataclass, field
 
@@ -297,6 +298,45 @@ def _lane_offsets(size: int, length: int, dtype: torch.dtype) -> torch.Tensor:
     return base
 
 
+class _Scratch(threading.local):
+    """Per-thread reusable work buffers of the chunked paths (a few MiB at most).
+
+    Reusing them spares every hook call fresh allocations and their page faults; a nested
+    user (not expected) gets fresh buffers instead of sharing.
+    """
+
+    def __init__(self) -> None:
+        self.buffers: dict[tuple[str, int, torch.dtype], torch.Tensor] = {}
+        self.busy = False
+
+    def get(self, name: str, size: int, dtype: torch.dtype) -> torch.Tensor:
+        key = (name, size, dtype)
+        buffer = self.buffers.get(key)
+        if buffer is None:
+            if len(self.buffers) > 32:
+                self.buffers.clear()
+            buffer = self.buffers[key] = torch.empty(size, dtype=dtype)
+        return buffer
+
+
+_SCRATCH = _Scratch()
+
+
+class _ScratchLease:
+    """Context manager: the thread's scratch buffers, or fresh ones if they are in use."""
+
+    def __enter__(self) -> _Scratch:
+        if _SCRATCH.busy:
+            self.owned = False
+            return _Scratch()
+        _SCRATCH.busy = self.owned = True
+        return _SCRATCH
+
+    def __exit__(self, *exc_info: object) -> None:
+        if self.owned:
+            _SCRATCH.busy = False
+
+
 def _fold_lanes(counts: torch.Tensor, length: int) -> torch.Tensor:
     return counts.view(_LANES, length).sum(0)
 
@@ -331,17 +371,19 @@ class _ChunkIndexer:
     their sub-histogram added (see :func:`_fold_lanes`).
     """
 
-    def __init__(self, plan: _Plan, grid: GridBins, size: int, batch: int = 1) -> None:
+    def __init__(self, plan: _Plan, grid: GridBins, size: int, batch: int, scratch: _Scratch) -> None:
         self.inv, _, const, self.low, self.high = plan.scalars()
         self.weight = plan.weight
         self.B = grid.bins_per_qbin
         self.length = grid.n_bins + 1
         self.size = size
         self.lane_base = _lane_offsets(size, self.length, torch.int32)
-        self.lanes = _lane_offsets(size, self.length, plan.compute) + const
-        self.u = torch.empty(size, dtype=plan.compute)
-        self.r = torch.empty(size, dtype=plan.compute)
-        self.index = torch.empty(size * batch, dtype=torch.int32)
+        self.lanes = torch.add(
+            _lane_offsets(size, self.length, plan.compute), const, out=scratch.get("lanes", size, plan.compute)
+        )
+        self.u = scratch.get("u", size, plan.compute)
+        self.r = scratch.get("r", size, plan.compute)
+        self.index = scratch.get("index", size * batch, torch.int32)
         # Chunks whose u lies in [safe_low, safe_high] need no clamp.
         self.safe_low, self.safe_high = self.low + 1.0, self.high - 1.0
 
@@ -374,8 +416,15 @@ def _bin_cpu_chunked(
 
     ``indices``, when given, receives every element's bin (without lane offsets).
     """
+    with _ScratchLease() as scratch:
+        return _bin_cpu_chunks(xf, plan, grid, indices, scratch)
+
+
+def _bin_cpu_chunks(
+    xf: torch.Tensor, plan: _Plan, grid: GridBins, indices: torch.Tensor | None, scratch: _Scratch
+) -> BinCounts | None:
     n = xf.numel()
-    chunker = _ChunkIndexer(plan, grid, min(_CHUNK, n), _COUNT_BATCH)
+    chunker = _ChunkIndexer(plan, grid, min(_CHUNK, n), _COUNT_BATCH, scratch)
     inv, size, length = chunker.inv, chunker.size, chunker.length
     counts = torch.zeros(_LANES * length, dtype=torch.int64)
     low_value, high_value = math.inf, -math.inf
@@ -544,14 +593,28 @@ def _bin_gradient_chunked(
     """Per-tensor CPU path for finite x: compute each chunk's indices once, bin the gradient
     (and, with ``count``, count x) on them. ``scan`` lets clamps that cannot bite be skipped.
 
-    This is the hot loop of a sensitivity pass, so it works on preallocated views and keeps
+    This is the hot loop of a sensitivity pass, so it works on reused buffers and keeps
     Python work per chunk to the op calls themselves.
     """
+    with _ScratchLease() as scratch:
+        return _bin_gradient_chunks(xf, gf, plan, qgrid, quantizer, scan, count, scratch)
+
+
+def _bin_gradient_chunks(
+    xf: torch.Tensor,
+    gf: torch.Tensor,
+    plan: _Plan,
+    qgrid: QuantGrid,
+    quantizer: QuantGrid | None,
+    scan: ValueScan,
+    count: bool,
+    scratch: _Scratch,
+) -> GradientBins:
     n = xf.numel()
-    chunker = _ChunkIndexer(plan, qgrid.grid, min(_CHUNK, n), _COUNT_BATCH)
+    chunker = _ChunkIndexer(plan, qgrid.grid, min(_CHUNK, n), _COUNT_BATCH, scratch)
     inv, size, length = chunker.inv, chunker.size, chunker.length
     weight, B, low, high = chunker.weight, chunker.B, chunker.low, chunker.high
-    wide = torch.empty(size * _COUNT_BATCH, dtype=torch.float64)
+    wide = scratch.get("wide", size * _COUNT_BATCH, torch.float64)
     sums = torch.zeros(_LANES * length, dtype=torch.float64)
     counts = torch.zeros(_LANES * length, dtype=torch.int64) if count else None
     u_low, u_high = scan.low * inv, scan.high * inv
@@ -562,7 +625,7 @@ def _bin_gradient_chunked(
         q_inv, q_zero = float(q_plan.inv_scale), float(q_plan.zero_point)
         q_low, q_high = quantizer.grid.quant_min - q_zero, quantizer.grid.quant_max - q_zero
         unclamped = q_low <= scan.low * q_inv and scan.high * q_inv <= q_high
-        error = torch.empty(size, dtype=plan.compute)
+        error = scratch.get("error", size, plan.compute)
         partial = []
     index_slots = [chunker.index[k * size : (k + 1) * size] for k in range(_COUNT_BATCH)]
     wide_slots = [wide[k * size : (k + 1) * size] for k in range(_COUNT_BATCH)]
