@@ -190,6 +190,39 @@ def test_same_data_gives_identical_bytes(tmp_path):
     assert "Software" not in info and not any(isinstance(v, str) for v in info.values())
 
 
+def test_cached_texts_look_like_plain_texts_and_do_not_depend_on_the_cache(monkeypatch):
+    """The fixed texts are blitted from a cache: same look as drawing them, same bytes cold or warm."""
+    from eqcore import _plot_render
+
+    hist, grads = activation_data()
+
+    def pixels(dpi):
+        png = figure_to_png(render_sa_hist(hist, grads, title="t"), dpi=dpi)
+        return png, np.asarray(Image.open(io.BytesIO(png))).astype(int)
+
+    warm = {dpi: pixels(dpi) for dpi in (100, 50)}
+    monkeypatch.setattr(_plot_render._CachedTexts, "_tiles", type(_plot_render._CachedTexts._tiles)())
+    assert all(pixels(dpi)[0] == warm[dpi][0] for dpi in (100, 50))
+
+    def draw_plainly(self, renderer):
+        for text in self.texts:
+            text.draw(renderer)
+
+    monkeypatch.setattr(_plot_render._CachedTexts, "draw", draw_plainly)
+    for dpi in (100, 50):
+        png, plain = pixels(dpi)
+        assert plain.shape == warm[dpi][1].shape
+        assert np.abs(plain - warm[dpi][1]).max() <= 1  # alpha blending may round differently
+    assert warm[50][1].shape == (300, 400, 3)
+
+
+def test_vector_output_keeps_the_texts():
+    hist, grads = activation_data()
+    svg = io.StringIO()
+    render_sa_hist(hist, grads, title="t").savefig(svg, format="svg")
+    assert "grid levels" in svg.getvalue() or "grid" in svg.getvalue()
+
+
 def test_redraw_from_stored_arrays_is_byte_identical(tmp_path):
     """What the plugin does: store a histogram as NPZ, rebuild it, redraw the same PNG."""
     hist, grads = weight_data()
@@ -377,14 +410,12 @@ def test_sa_tutorial_plotting_cells_write_the_tutorials_files(tmp_path):
     from eqcore.data import eval_transform, find_sample, imagenet_spec
     from eqcore.hooks import add_activation_forward_hooks, add_sensitivity_analysis_hooks
     from eqcore.quantizers import EQLearnableFakeQuantize
-    from eqcore.toggles import disable_PTQ_observer, enable_fake_quant, enable_PTQ_observer
+    from eqcore.toggles import disable_PTQ_observer, enable_fake_quant
 
+    # The tutorial calibrates first (HistogramObserver, seconds); the files do not depend on it.
     fx_model = tutorial_model()
     image = eval_transform(imagenet_spec())(find_sample("grace_hopper").load()).unsqueeze(0)
     fx_model.apply(enable_fake_quant)
-    fx_model.apply(enable_PTQ_observer)
-    with torch.no_grad():
-        fx_model(image)
 
     def conditions_met_forward_act_hook(module: torch.nn.Module, name: str) -> bool:
         return isinstance(module, EQLearnableFakeQuantize) and "1" in name
