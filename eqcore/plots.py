@@ -186,7 +186,7 @@ def render_job(job: PlotJob) -> Path:
 
 
 def _default_start_method() -> str:
-    """"fork" on Linux (workers start in milliseconds), "spawn" elsewhere (macOS, Windows)."""
+    """The start method for workers: fork on Linux (they start at once), else spawn."""
     if sys.platform.startswith("linux") and "fork" in multiprocessing.get_all_start_methods():
         return "fork"
     return "spawn"
@@ -211,7 +211,8 @@ def render_many(jobs: Iterable[PlotJob], *, workers: int | None = None,
     method = mp_context or _default_start_method()
     chunksize = max(1, math.ceil(len(jobs) / (workers * 4)))
     with warnings.catch_warnings():
-        # Python >= 3.12 warns on fork() in a threaded process; the workers run no threads.
+        # Python >= 3.12 warns on fork() in a threaded process (torch's pools); the workers
+        # only run numpy, matplotlib and Pillow code, which holds none of those threads' locks.
         warnings.filterwarnings("ignore", message=".*use of fork\\(\\) may lead to deadlocks.*",
                                 category=DeprecationWarning)
         with ProcessPoolExecutor(max_workers=workers,

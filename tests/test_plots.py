@@ -216,11 +216,13 @@ def test_cached_texts_look_like_plain_texts_and_do_not_depend_on_the_cache(monke
     assert warm[50][1].shape == (300, 400, 3)
 
 
-def test_vector_output_keeps_the_texts():
+def test_vector_output_draws_the_fixed_texts_as_text():
     hist, grads = activation_data()
     svg = io.StringIO()
-    render_sa_hist(hist, grads, title="t").savefig(svg, format="svg")
-    assert "grid levels" in svg.getvalue() or "grid" in svg.getvalue()
+    with matplotlib.rc_context({"svg.fonttype": "none"}):
+        render_sa_hist(hist, grads, title="t").savefig(svg, format="svg")
+    assert "grid levels" in svg.getvalue() and "share of |gradient|" in svg.getvalue()
+    assert "<image" not in svg.getvalue()
 
 
 def test_redraw_from_stored_arrays_is_byte_identical(tmp_path):
