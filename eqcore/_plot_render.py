@@ -22,7 +22,7 @@ from collections.abc import Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import matplotlib
 import matplotlib.style
@@ -880,17 +880,22 @@ def figure_to_png(fig: Figure, *, dpi: float | None = None) -> bytes:
 
 
 def save_figure(
-    fig: Figure, path: str | os.PathLike[str], *, dpi: float | None = None, close: bool = True
-) -> Path:
+    fig: Figure, path: str | os.PathLike[str] | BinaryIO, *, dpi: float | None = None,
+    close: bool = True,
+) -> Path | BinaryIO:
     """Write ``fig`` as a deterministic PNG at ``path`` (atomically), then release the figure.
 
     The file is written to a temporary name next to ``path`` and renamed, so readers never see
-    a half-written image. ``close=False`` keeps the figure for further use.
+    a half-written image. ``path`` may also be a binary stream, which gets the bytes (for bytes
+    alone, :func:`figure_to_png`). ``close=False`` keeps the figure for further use.
     """
-    path = Path(path)
     data = figure_to_png(fig, dpi=dpi)
     if close:
         close_figure(fig)
+    if hasattr(path, "write"):
+        path.write(data)
+        return path
+    path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     handle, temp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:

@@ -186,6 +186,9 @@ def test_same_data_gives_identical_bytes(tmp_path):
     save_figure(render_sa_hist(hist, grads, title="t"), tmp_path / "b.png")
     assert (tmp_path / "a.png").read_bytes() == (tmp_path / "b.png").read_bytes() == first
     assert not [p for p in tmp_path.iterdir() if p.suffix != ".png"]  # no temp files left
+    stream = io.BytesIO()
+    assert save_figure(render_sa_hist(hist, grads, title="t"), stream) is stream
+    assert stream.getvalue() == first
     info = Image.open(io.BytesIO(first)).info
     assert "Software" not in info and not any(isinstance(v, str) for v in info.values())
 
