@@ -54,6 +54,13 @@ _EXPORTS: dict[str, str] = {
     "plot_quant_weight_hist": "plots",
     "plot_quant_act_SA_hist": "plots",
     "per_channel_boxplots": "plots",
+    "HistogramView": "plots",
+    "render_act_hist": "plots",
+    "render_weight_hist": "plots",
+    "render_sa_hist": "plots",
+    "render_many": "plots",
+    "save_figure": "plots",
+    "figure_to_png": "plots",
     # evaluation and metrics
     "evaluate": "metrics",
     "sqnr": "metrics",
