@@ -17,7 +17,6 @@ _EXPORTS: dict[str, str] = {
     "EQFakeQuantize": "quantizers",
     "fake_quantize": "quantizers",
     "learnable_fake_quantize": "quantizers",
-    "QuantRange": "quantizers",
     # observers
     "PercentileObserver": "observers",
     "MSEObserver": "observers",

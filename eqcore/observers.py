@@ -228,15 +228,20 @@ class KLObserver(_RangeHistogramObserver):
 
 
 def _clipped_kl(magnitude: np.ndarray, cut: int, levels: int) -> float:
-    reference = magnitude[:cut].astype(np.float64).copy()
+    """KL(P || Q): P is the histogram clipped at ``cut`` with the tail folded into its last bin,
+    Q the unclipped bins below ``cut`` quantized to ``levels`` levels (spread over their nonzero
+    bins), as in entropy calibration."""
+    kept = magnitude[:cut].astype(np.float64)
+    reference = kept.copy()
     reference[-1] += magnitude[cut:].sum()
-    starts = np.linspace(0, cut, levels + 1).astype(np.int64)[:-1]
-    starts = np.unique(starts)
-    group_sum = np.add.reduceat(reference, starts)
-    group_nonzero = np.add.reduceat((reference > 0).astype(np.float64), starts)
+    starts = np.unique(np.linspace(0, cut, levels + 1).astype(np.int64)[:-1])
+    group_sum = np.add.reduceat(kept, starts)
+    group_nonzero = np.add.reduceat((kept > 0).astype(np.float64), starts)
     group_of_bin = np.repeat(np.arange(starts.size), np.diff(np.append(starts, cut)))
     density = np.divide(group_sum, group_nonzero, out=np.zeros_like(group_sum), where=group_nonzero > 0)
-    quantized = np.where(reference > 0, density[group_of_bin], 0.0)
+    quantized = np.where(kept > 0, density[group_of_bin], 0.0)
+    if quantized.sum() <= 0:
+        return math.inf
     p = reference / reference.sum()
     q = quantized / quantized.sum()
     mask = p > 0

@@ -9,9 +9,9 @@ Numerics (DESIGN.md section 4), with u = x * (1/s) as torch's kernels compute it
 
 The zero point is rounded half to even and clamped to [qmin, qmax] identically in forward and
 backward; the scale is clamped to float32 eps. Policies where torch's kernels disagree with
-themselves: +inf clamps to qmax and -inf to qmin like any out-of-range value; NaN stays NaN in y,
-gets dX = 0, and makes dS NaN (it is not inside the grid, so it adds -g*dY*s to dZ like a
-clamped value); empty inputs give dS = dZ = 0; any channel axis, negative ones included, and
+themselves: +inf clamps to qmax and -inf to qmin like any out-of-range value; NaN propagates: it
+stays NaN in y, gets dX = 0, and makes dS and dZ NaN (of its channel, per channel), so a broken
+activation cannot silently steer the learned qparams; empty inputs give dS = dZ = 0; any channel axis, negative ones included, and
 1-D per-channel inputs work; float16/bfloat16 inputs are computed in float32 and float64 inputs
 in float64 (torch rounds the float64 product scale*q to float32; we do not).
 
@@ -104,15 +104,16 @@ def _grid_positions(
     """Recompute, from the saved input, q = round(u) + z and the residual u - round(u).
 
     Recomputing costs a few vectorised passes but keeps only x alive between forward and
-    backward, like torch's own kernels. +-inf become values just beyond any grid and NaN one
-    just below it, so the residual is always finite.
+    backward, like torch's own kernels. +-inf become values just beyond any grid, so their
+    residual is finite; a NaN keeps a NaN residual (which carries it into dS and dZ) and is
+    placed just below the grid, so the masks leave it out of dX.
     """
     u = torch.mul(x.to(s.dtype), torch.reciprocal(s))
     span = float(qmax - qmin + 1)
-    u.nan_to_num_(nan=-span, posinf=span, neginf=-span)
+    u.clamp_(-span, span)
     q = torch.round(u)
     residual = u.sub_(q)
-    return q.add_(z), residual
+    return q.nan_to_num_(nan=-span).add_(z), residual
 
 
 def _masked(grad: torch.Tensor, q: torch.Tensor, low: float, high: float, out: torch.Tensor | None = None) -> torch.Tensor:
@@ -179,7 +180,9 @@ class _LearnableFakeQuantizeFn(torch.autograd.Function):
                 grad_scale = grad_scale.reshape(shape).to(dtype)
             if need_z:
                 shape, dtype = ctx.param_meta[1]
-                grad_zero_point = (below + above).mul_(s.reshape(-1)).mul_(-g).reshape(shape).to(dtype)
+                # rounding * 0 is 0, or NaN in a channel that held a NaN input: dZ carries it too.
+                grad_zero_point = (below + above).mul_(s.reshape(-1)).mul_(-g).add_(rounding * 0)
+                grad_zero_point = grad_zero_point.reshape(shape).to(dtype)
         grad_x = grad_inside.to(grad_y.dtype) if need_x else None
         return grad_x, grad_scale, grad_zero_point, None, None, None, None
 
@@ -445,10 +448,12 @@ class EQLearnableFakeQuantize(_FlagsMixin, FakeQuantizeBase):
         if _is_symmetric(self.qscheme):
             self.zero_point.data.zero_()
         grad_factor = grad_scaling_factor(x.numel(), self.quant_max) if self.use_grad_scaling else 1.0
+        # Symmetric schemes pin z = 0: it gets no gradient, so an optimizer cannot move it.
+        zero_point = self.zero_point.detach() if _is_symmetric(self.qscheme) else self.zero_point
         return learnable_fake_quantize(
             x,
             self.scale,
-            self.zero_point,
+            zero_point,
             self.quant_min,
             self.quant_max,
             ch_axis=self.ch_axis if per_channel else None,
