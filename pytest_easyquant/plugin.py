@@ -1,9 +1,110 @@
-"""pytest entry point: registers the easyquant option group."""
+"""pytest entry point: options, markers, fixtures and the hooks that add generated suites.
+
+The work lives elsewhere: ``options`` (the option table), ``suite`` (generated items),
+``fixtures`` (users' fixtures), ``session`` (state), ``reporting`` (terminal and HTML).
+Importing this module stays cheap: torch is imported only once a suite or fixture needs it.
+"""
 
 from __future__ import annotations
 
+import json
+
 import pytest
+
+from pytest_easyquant import options as eq_options
+from pytest_easyquant.fixtures import (  # noqa: F401 - fixtures are registered by being here
+    eq_baseline,
+    eq_config,
+    eq_loaders,
+    eq_model,
+    eq_prepared,
+    eq_request,
+    eq_run,
+    eq_sa,
+)
+from pytest_easyquant.registry import Registry, RegistryHooks
+from pytest_easyquant.session import EQSession, Outcome
+
+SESSION_KEY = pytest.StashKey[EQSession]()
+MARKERS = (
+    "easyquant: a check of a generated pytest-easyquant suite",
+    "eq_model(name, weights=None, data=None): run this test's easyquant fixtures on this model",
+    "eq_recipe(name): quantize this test's model with this recipe",
+    "eq_tolerance(*rules, metric='*', atol=0, rtol=0): tolerance for this test's baseline checks, "
+    "as '<metric-glob> atol=<x> rtol=<y>' strings or keywords",
+)
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
-    parser.getgroup("easyquant", "quantization regression suites (pytest-easyquant)")
+    eq_options.register(parser)
+
+
+def pytest_addhooks(pluginmanager: pytest.PytestPluginManager) -> None:
+    pluginmanager.add_hookspecs(RegistryHooks)
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    for marker in MARKERS:
+        config.addinivalue_line("markers", marker)
+    registry = Registry()
+    config.hook.pytest_easyquant_register(registry=registry)
+    config.stash[SESSION_KEY] = EQSession(config, eq_options.resolve(config), registry)
+    if config.pluginmanager.hasplugin("xdist"):
+        config.pluginmanager.register(_XdistHooks(), "easyquant-xdist")
+
+
+def get_session(config: pytest.Config) -> EQSession:
+    return config.stash[SESSION_KEY]
+
+
+def _is_xdist_controller(config: pytest.Config) -> bool:
+    return getattr(config.option, "numprocesses", None) not in (None, 0) and not hasattr(config, "workerinput")
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_collection_modifyitems(session: pytest.Session, config: pytest.Config, items: list[pytest.Item]) -> None:
+    eq_session = get_session(config)
+    if eq_session.options.models:
+        from pytest_easyquant.suite import build_suites
+
+        items.extend(build_suites(eq_session, session))
+
+
+def pytest_sessionfinish(session: pytest.Session) -> None:
+    config = session.config
+    eq_session = get_session(config)
+    if hasattr(config, "workerinput"):
+        config.workeroutput["easyquant"] = json.dumps(
+            {
+                "outcomes": [o.to_dict() for o in eq_session.outcomes],
+                "unused": [str(p) for p in eq_session.unused_baselines()],
+            }
+        )
+        return
+    if not _is_xdist_controller(config):
+        eq_session.unused = [str(path) for path in eq_session.unused_baselines()]
+    if eq_session.outcomes:
+        from pytest_easyquant.reporting import write_html_report
+
+        eq_session.report_path = write_html_report(eq_session)
+
+
+def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter, config: pytest.Config) -> None:
+    eq_session = get_session(config)
+    if eq_session.outcomes or eq_session.unused:
+        from pytest_easyquant.reporting import terminal_summary
+
+        terminal_summary(terminalreporter, eq_session)
+
+
+class _XdistHooks:
+    """Collects the workers' outcomes on the controller (only registered with pytest-xdist)."""
+
+    def pytest_testnodedown(self, node: object, error: object) -> None:
+        output = getattr(node, "workeroutput", {}).get("easyquant")
+        if not output:
+            return
+        data = json.loads(output)
+        eq_session = get_session(node.config)
+        eq_session.outcomes.extend(Outcome.from_dict(o) for o in data["outcomes"])
+        eq_session.unused = sorted(set(eq_session.unused) | set(data["unused"]))

@@ -1,0 +1,174 @@
+"""The work behind a generated suite: model -> prepare -> calibrate -> evaluate -> SA.
+
+``plan()`` is cheap (build and prepare the model) and tells collection which checks exist;
+``ModelRun.execute()`` does the expensive part once per session (and once per xdist worker).
+Data flows one way; nothing here knows about baselines or reports.
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass, field
+from functools import cached_property
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from eqcore.data import Loaders, get_loaders
+from eqcore.errors import EQError
+from eqcore.hooks import SAResult, activation_quantizers, run_sensitivity_analysis
+from eqcore.metrics import DatasetEvaluation, Fidelity, evaluate_dataset, fidelity, per_layer_sqnr
+from eqcore.prepare import PreparedModel, calibrate, fake_quant_modules, prepare
+from eqcore.qconfigs import Recipe
+from eqcore.zoo import ZooModel
+
+from pytest_easyquant.registry import Registry
+
+
+@dataclass(frozen=True)
+class RunRequest:
+    """Everything that determines a model's results (and so its baselines)."""
+
+    model: str
+    weights: str
+    data: str | None
+    recipe: str
+    cle: bool
+    device: str
+    seed: int
+    calib_batches: int
+    batch_size: int
+    sa_batches: int
+
+
+@dataclass
+class Plan:
+    """What a request produces, known before anything runs: the names of its checks."""
+
+    request: RunRequest
+    zoo: ZooModel
+    recipe: Recipe
+    prepared: PreparedModel
+    loaders: Loaders
+
+    @property
+    def data_name(self) -> str:
+        return self.loaders.name
+
+    @cached_property
+    def quantizers(self) -> list[str]:
+        return list(fake_quant_modules(self.prepared.model))
+
+    @cached_property
+    def activation_quantizers(self) -> list[str]:
+        return [name for name, _ in activation_quantizers(self.prepared.model)]
+
+    @cached_property
+    def weight_modules(self) -> list[str]:
+        return [
+            name
+            for name, module in self.prepared.model.named_modules()
+            if isinstance(getattr(module, "weight_fake_quant", None), nn.Module)
+        ]
+
+
+def plan(request: RunRequest, registry: Registry) -> Plan:
+    """Build the model and data and insert the quantizers; EQError on bad input."""
+    torch.manual_seed(request.seed)
+    zoo = registry.make_model(request.model, request.weights, seed=request.seed)
+    recipe = registry.recipe(request.recipe)
+    loaders = get_loaders(
+        request.data or zoo.default_data,
+        zoo.spec,
+        batch_size=request.batch_size,
+        calib_batches=request.calib_batches,
+        seed=request.seed,
+        model_name=request.model,
+    )
+    device = torch.device(request.device)
+    zoo.model.to(device).eval()
+    example = tuple(t.to(device) for t in zoo.example_inputs())
+    prepared = prepare(zoo.model, recipe, example, cle=request.cle)
+    prepared.model.to(device)
+    return Plan(request=request, zoo=zoo, recipe=recipe, prepared=prepared, loaders=loaders)
+
+
+@dataclass
+class QParams:
+    scale: np.ndarray
+    zero_point: np.ndarray
+
+
+@dataclass
+class ModelRun:
+    """The results of one request, computed once and shared by all of its checks."""
+
+    plan: Plan
+    float_eval: DatasetEvaluation
+    quant_eval: DatasetEvaluation
+    fidelity: Fidelity
+    layer_sqnr: dict[str, float]
+    qparams: dict[str, QParams]
+    sa: SAResult
+    warnings: list[str] = field(default_factory=list)
+
+    @property
+    def request(self) -> RunRequest:
+        return self.plan.request
+
+    @classmethod
+    def execute(cls, plan: Plan) -> ModelRun:
+        request = plan.request
+        device = torch.device(request.device)
+        model = plan.prepared.model
+        torch.manual_seed(request.seed)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            calibrate(model, plan.loaders.calib, device=device)
+            float_eval = evaluate_dataset(plan.zoo.model, plan.loaders.eval, device)
+            quant_eval = evaluate_dataset(model, plan.loaders.eval, device)
+            first_batch = next(iter(plan.loaders.eval))[0].to(device)
+            layers = per_layer_sqnr(plan.prepared.float_model, model, first_batch)
+            sa = run_sensitivity_analysis(
+                model, plan.loaders.eval, batches=request.sa_batches, bit_res=None, device=device
+            )
+        qparams = {}
+        for name, quantizer in fake_quant_modules(model).items():
+            scale, zero_point = quantizer.calculate_qparams()
+            qparams[name] = QParams(
+                scale=scale.detach().double().cpu().numpy().reshape(-1),
+                zero_point=zero_point.detach().cpu().numpy().reshape(-1).astype(np.int64),
+            )
+        notes = sorted({f"{w.category.__name__}: {w.message}" for w in caught if _worth_reporting(w)})
+        return cls(
+            plan=plan,
+            float_eval=float_eval,
+            quant_eval=quant_eval,
+            fidelity=fidelity(float_eval.logits, quant_eval.logits),
+            layer_sqnr=layers,
+            qparams=qparams,
+            sa=sa,
+            warnings=notes,
+        )
+
+
+def _worth_reporting(record: warnings.WarningMessage) -> bool:
+    """torch.ao's own deprecation chatter is not something our users can act on."""
+    text = str(record.message)
+    return not (
+        issubclass(record.category, (DeprecationWarning, FutureWarning))
+        or "must run observer before calling calculate_qparams" in text
+    )
+
+
+def describe_error(exc: BaseException) -> str:
+    """One line for a pipeline failure."""
+    if isinstance(exc, EQError):
+        return str(exc)
+    return f"{type(exc).__name__}: {exc}"
+
+
+def as_float(value: Any) -> float:
+    return float(value) if value is not None else float("nan")

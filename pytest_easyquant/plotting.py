@@ -1,0 +1,22 @@
+"""PNG bytes of a generated suite's plots, drawn from the run's typed SA results."""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+def render_check_plot(run: Any, target: str) -> bytes:
+    """``act-sa-<quantizer>`` or ``weight-sa-<module>``: the SA plot of that tensor."""
+    from eqcore.plots import close_figure, figure_to_png, render_sa_hist
+
+    kind, _, name = target.partition("-sa-")
+    if kind == "act":
+        result, tensor_kind = run.sa.activations[name], "Activation"
+    else:
+        result, tensor_kind = run.sa.weights[name], "Weight"
+    title = f"{run.request.model} {run.request.recipe}: {name}"
+    figure = render_sa_hist(result.histogram, result.gradients, title=title, tensor_kind=tensor_kind)
+    try:
+        return figure_to_png(figure)
+    finally:
+        close_figure(figure)
