@@ -51,6 +51,9 @@ def pytest_configure(config: pytest.Config) -> None:
     config.stash[SESSION_KEY] = EQSession(config, eq_options.resolve(config), registry)
     if config.pluginmanager.hasplugin("xdist"):
         config.pluginmanager.register(_XdistHooks(), "easyquant-xdist")
+        # Keep each model's checks on one worker, so each worker runs each model at most once.
+        if getattr(config.option, "dist", None) == "load" and get_session(config).options.models:
+            config.option.dist = "loadgroup"
 
 
 def get_session(config: pytest.Config) -> EQSession:

@@ -48,7 +48,11 @@ class EQSuite(pytest.Collector):
         self.checks = checks
 
     def collect(self) -> list[EQCheckItem]:
-        return [EQCheckItem.from_parent(self, name=check.name, check=check) for check in self.checks]
+        items = [EQCheckItem.from_parent(self, name=check.name, check=check) for check in self.checks]
+        if self.config.pluginmanager.hasplugin("xdist"):
+            for item in items:
+                item.add_marker(pytest.mark.xdist_group(self.name))
+        return items
 
 
 @dataclass
