@@ -22,6 +22,7 @@ no host synchronisation, so they run at memory bandwidth on CPU and never stall 
 from __future__ import annotations
 
 import math
+import threading
 from typing import Any
 
 import torch
@@ -96,24 +97,34 @@ def _fake_quantize_values(x: torch.Tensor, s: torch.Tensor, z: torch.Tensor, qmi
 
 
 _hardtanh_backward = torch.ops.aten.hardtanh_backward
+WORKSPACE_LIMIT = 64 * 2**20
+_workspace = threading.local()
 
 
-def _grid_positions(
-    x: torch.Tensor, s: torch.Tensor, z: torch.Tensor, qmin: int, qmax: int
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Recompute, from the saved input, q = round(u) + z and the residual u - round(u).
+def _scratch(like: torch.Tensor, dtype: torch.dtype, slot: int) -> torch.Tensor:
+    """A buffer shaped like ``like`` for temporaries that never leave the backward.
 
-    Recomputing costs a few vectorised passes but keeps only x alive between forward and
-    backward, like torch's own kernels. +-inf become values just beyond any grid, so their
-    residual is finite; a NaN keeps a NaN residual (which carries it into dS and dZ) and is
-    placed just below the grid, so the masks leave it out of dX.
+    On the CPU a fresh tensor of tens of MB costs a page fault per 4 KiB page (the allocator
+    returns large blocks to the OS), which is more than the arithmetic done in it; so each
+    thread keeps its scratch buffers (up to WORKSPACE_LIMIT bytes each) and reuses them.
+    Other devices have caching allocators of their own.
     """
-    u = torch.mul(x.to(s.dtype), torch.reciprocal(s))
-    span = float(qmax - qmin + 1)
-    u.clamp_(-span, span)
-    q = torch.round(u)
-    residual = u.sub_(q)
-    return q.nan_to_num_(nan=-span).add_(z), residual
+    numel = like.numel()
+    if like.device.type != "cpu" or numel * torch.finfo(dtype).bits // 8 > WORKSPACE_LIMIT:
+        return torch.empty(like.shape, dtype=dtype, device=like.device)
+    buffers = getattr(_workspace, "buffers", None)
+    if buffers is None:
+        buffers = _workspace.buffers = {}
+    key = (slot, dtype)
+    buffer = buffers.get(key)
+    if buffer is None or buffer.numel() < numel:
+        buffer = buffers[key] = torch.empty(numel, dtype=dtype)
+    return buffer[:numel].view(like.shape)
+
+
+def release_workspace() -> None:
+    """Free this thread's cached backward scratch buffers."""
+    _workspace.buffers = {}
 
 
 def _masked(grad: torch.Tensor, q: torch.Tensor, low: float, high: float, out: torch.Tensor | None = None) -> torch.Tensor:
@@ -125,16 +136,48 @@ def _masked(grad: torch.Tensor, q: torch.Tensor, low: float, high: float, out: t
 
 def _sum_per_channel(t: torch.Tensor, axis: int | None) -> torch.Tensor:
     if axis is None:
-        return t.sum().reshape(1)
+        return t.sum().double().reshape(1)
     dims = [d for d in range(t.dim()) if d != axis]
-    return t.sum(dims) if dims else t.clone()
+    return t.sum(dims).double() if dims else t.to(torch.float64, copy=True)
 
 
-def _dot_per_channel(a: torch.Tensor, scratch: torch.Tensor, axis: int | None) -> torch.Tensor:
-    """sum(a * scratch) per channel (or in total); ``scratch`` may be overwritten."""
+def _backward(
+    x: torch.Tensor,
+    grad_y: torch.Tensor,
+    s: torch.Tensor,
+    z: torch.Tensor,
+    qmin: int,
+    qmax: int,
+    axis: int | None,
+    *,
+    need_params: bool,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """dX, and the per-channel sums (rounding, below, above) that dS and dZ are made of.
+
+    Recomputes the grid position of x (only x is kept between forward and backward, as torch's
+    kernels do): u = x * (1/s), q = round(u) + z. rounding sums dY * (u - round(u)) inside the
+    grid, below and above sum dY below and above it. +-inf become values just beyond any grid;
+    a NaN keeps a NaN residual, which carries it into dS and dZ, and is placed below the grid,
+    so dX leaves it out. Temporaries live in reused scratch buffers; dX is the one new tensor.
+    """
+    span = float(qmax - qmin + 1)
+    lo, hi = qmin - 0.5, qmax + 0.5
+    dtype = s.dtype
+    residual = torch.mul(x.to(dtype), torch.reciprocal(s), out=_scratch(x, dtype, 0)).clamp_(-span, span)
+    q = torch.round(residual, out=_scratch(x, dtype, 1))
+    residual.sub_(q)
+    q.nan_to_num_(nan=-span).add_(z)
+    grad_x = _masked(grad_y, q, lo, hi)
+    if not need_params:
+        return grad_x, None
+    # dX * residual, not a masked residual: 0 * NaN keeps a NaN input's NaN in the sum.
     if axis is None:
-        return torch.dot(a.reshape(-1), scratch.reshape(-1)).reshape(1)
-    return _sum_per_channel(scratch.mul_(a), axis)
+        rounding = torch.dot(grad_x.reshape(-1), residual.reshape(-1)).double().reshape(1)
+    else:
+        rounding = _sum_per_channel(residual.mul_(grad_x), axis)
+    below = _sum_per_channel(_masked(grad_y, q, -math.inf, lo, out=residual), axis)
+    above = _sum_per_channel(_masked(grad_y, q, hi, math.inf, out=residual), axis)
+    return grad_x, torch.stack([rounding, below, above])
 
 
 class _LearnableFakeQuantizeFn(torch.autograd.Function):
@@ -163,17 +206,14 @@ class _LearnableFakeQuantizeFn(torch.autograd.Function):
         qmin, qmax = ctx.qrange
         axis, g = ctx.axis, ctx.grad_factor
         need_x, need_s, need_z = ctx.needs_input_grad[:3]
-        q, residual = _grid_positions(x.detach(), s, z, qmin, qmax)
-        dy = grad_y.to(s.dtype).contiguous()
-        lo, hi = qmin - 0.5, qmax + 0.5
-        grad_inside = _masked(dy, q, lo, hi)
+        grad_inside, sums = _backward(
+            x.detach(), grad_y.to(s.dtype), s, z, qmin, qmax, axis, need_params=need_s or need_z
+        )
         grad_scale = grad_zero_point = None
-        if need_s or need_z:
-            # e = round(u) - u inside; qmin - z below and qmax - z above the grid.
-            rounding = _dot_per_channel(grad_inside, residual, axis)
-            below = _sum_per_channel(_masked(dy, q, -math.inf, lo, out=residual), axis)
-            above = _sum_per_channel(_masked(dy, q, hi, math.inf, out=residual), axis)
-            zp = z.reshape(-1)
+        if sums is not None:
+            # dS sums round(u) - u inside, qmin - z below and qmax - z above the grid.
+            rounding, below, above = sums
+            zp = z.reshape(-1).double()
             if need_s:
                 shape, dtype = ctx.param_meta[0]
                 grad_scale = (below * (qmin - zp) + above * (qmax - zp) - rounding).mul_(g)
@@ -181,7 +221,7 @@ class _LearnableFakeQuantizeFn(torch.autograd.Function):
             if need_z:
                 shape, dtype = ctx.param_meta[1]
                 # rounding * 0 is 0, or NaN in a channel that held a NaN input: dZ carries it too.
-                grad_zero_point = (below + above).mul_(s.reshape(-1)).mul_(-g).add_(rounding * 0)
+                grad_zero_point = (below + above).mul_(s.reshape(-1).double()).mul_(-g).add_(rounding * 0)
                 grad_zero_point = grad_zero_point.reshape(shape).to(dtype)
         grad_x = grad_inside.to(grad_y.dtype) if need_x else None
         return grad_x, grad_scale, grad_zero_point, None, None, None, None
@@ -195,14 +235,14 @@ class _FakeQuantizeFn(torch.autograd.Function):
         s, z = _qparams(x, scale, zero_point, quant_min, quant_max, axis)
         ctx.save_for_backward(x, s, z)
         ctx.qrange = (quant_min, quant_max)
+        ctx.axis = axis
         return _fake_quantize_values(x, s, z, quant_min, quant_max)
 
     @staticmethod
     def backward(ctx: Any, grad_y: torch.Tensor):  # noqa: ANN205
         x, s, z = ctx.saved_tensors
         qmin, qmax = ctx.qrange
-        q, _ = _grid_positions(x.detach(), s, z, qmin, qmax)
-        grad_x = _masked(grad_y.to(s.dtype).contiguous(), q, qmin - 0.5, qmax + 0.5)
+        grad_x, _ = _backward(x.detach(), grad_y.to(s.dtype), s, z, qmin, qmax, ctx.axis, need_params=False)
         return grad_x.to(grad_y.dtype), None, None, None, None, None
 
 
