@@ -17,4 +17,7 @@ settings.register_profile(
 settings.register_profile("dev", deadline=None, max_examples=500)
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 
-torch.set_num_threads(max(1, min(2, torch.get_num_threads())))
+# Under pytest-xdist every worker is a process: one torch thread each keeps the cores from being
+# oversubscribed (OpenMP threads that wait for a descheduled peer make small ops 50x slower).
+_workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+torch.set_num_threads(max(1, min(2, (os.cpu_count() or 1) // _workers)))
