@@ -126,7 +126,7 @@ class ModelRun:
         torch.manual_seed(request.seed)
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
-            calibrate(model, plan.loaders.calib, device=device)
+            _calibrate(model, plan.loaders.calib, device)
             float_eval = evaluate_dataset(plan.zoo.model, plan.loaders.eval, device)
             quant_eval = evaluate_dataset(model, plan.loaders.eval, device)
             first_batch = next(iter(plan.loaders.eval))[0].to(device)
@@ -152,6 +152,40 @@ class ModelRun:
             sa=sa,
             warnings=notes,
         )
+
+
+def _calibrate(model: nn.Module, loader: Any, device: torch.device) -> None:
+    """``calibrate``, but a failure caused by NaN/inf activations names the first quantizer that saw them.
+
+    torch.ao's HistogramObserver (the w8a8 recipes) cannot observe NaN and fails deep inside
+    ``torch.histc``; the user needs to know which layer produced the values instead.
+    """
+    nonfinite: dict[str, tuple[int, int]] = {}
+
+    def watch(name: str) -> Any:
+        def hook(_: nn.Module, args: tuple[Any, ...]) -> None:
+            x = args[0] if args else None
+            if name in nonfinite or not isinstance(x, torch.Tensor) or not x.is_floating_point():
+                return
+            if not bool(torch.isfinite(x).all()):
+                nonfinite[name] = (int(torch.isnan(x).sum()), int(torch.isinf(x).sum()))
+
+        return hook
+
+    handles = [m.register_forward_pre_hook(watch(name)) for name, m in fake_quant_modules(model).items()]
+    try:
+        calibrate(model, loader, device=device)
+    except Exception as exc:
+        if not nonfinite:
+            raise
+        name, (nans, infs) = next(iter(nonfinite.items()))
+        raise EQError(
+            f"{name} produced {nans} NaN and {infs} inf values during calibration, and its observer "
+            f"failed on them ({describe_error(exc)}); fix the layer that feeds {name}"
+        ) from exc
+    finally:
+        for handle in handles:
+            handle.remove()
 
 
 def _worth_reporting(record: warnings.WarningMessage) -> bool:
