@@ -63,7 +63,9 @@ def _or_fail(fn: Any, *args: Any) -> Any:
     try:
         return fn(*args)
     except PipelineError as exc:
-        pytest.fail(str(exc), pytrace=False)
+        message = str(exc)
+    # Failing outside the except block, so the report is the one line, not a chain of two.
+    pytest.fail(message, pytrace=False)
 
 
 @pytest.fixture
@@ -140,15 +142,22 @@ def _plain(value: Any) -> Any:
     return value
 
 
+class _BadTolerances(ValueError):
+    """A check's ``tolerances=`` argument cannot be read."""
+
+
 def _rules(tolerances: Mapping[str, Any] | None, default_metric: str) -> list[ToleranceRule]:
     rules = []
-    for pattern, spec in (tolerances or {}).items():
-        if isinstance(spec, str):
-            rules.append(parse_rule(f"{pattern} {spec}", source="marker"))
-        elif isinstance(spec, Mapping):
-            rules.append(ToleranceRule(pattern=pattern, tolerance=Tolerance(**{k: float(v) for k, v in spec.items()}), source="marker"))
-        else:
-            rules.append(ToleranceRule(pattern=pattern, tolerance=Tolerance(atol=float(spec)), source="marker"))
+    try:
+        for pattern, spec in (tolerances or {}).items():
+            if isinstance(spec, str):
+                rules.append(parse_rule(f"{pattern} {spec}", source="marker"))
+            elif isinstance(spec, Mapping):
+                rules.append(ToleranceRule(pattern=pattern, tolerance=Tolerance(**{k: float(v) for k, v in spec.items()}), source="marker"))
+            else:
+                rules.append(ToleranceRule(pattern=pattern, tolerance=Tolerance(atol=float(spec)), source="marker"))
+    except (AttributeError, TypeError, ValueError) as exc:
+        raise _BadTolerances(str(exc)) from None
     return rules
 
 
@@ -176,13 +185,19 @@ class BaselineChecker:
         from pytest_easyquant.suite import verify
 
         try:
+            extra_rules = _rules(tolerances, check.name)
             verify(
                 self.node, self.session, check, lambda: payload,
                 directory=self.directory, metadata=self._metadata, suite=f"tests/{self.node.name}",
-                extra_rules=_rules(tolerances, check.name),
+                extra_rules=extra_rules,
             )
+        except _BadTolerances as exc:
+            message = f"bad tolerances= for {check.name!r}: {exc}"
         except (CheckFailure, BaselineError) as exc:
-            pytest.fail(str(exc), pytrace=False)
+            message = str(exc)
+        else:
+            return
+        pytest.fail(message, pytrace=False)
 
     def check(self, name: str, values: Mapping[str, Any], *, tolerances: Mapping[str, Any] | None = None) -> None:
         """Compare a (nested) mapping of numbers, lists and strings, stored as JSON."""

@@ -26,8 +26,13 @@ def marker_rules(node: pytest.Item) -> list[ToleranceRule]:
                 tolerance = Tolerance(**{k: float(v) for k, v in kwargs.items()})
                 rules.append(ToleranceRule(pattern=pattern, tolerance=tolerance, source="marker"))
         except (TypeError, ValueError) as exc:
-            raise pytest.UsageError(f"{node.nodeid}: bad eq_tolerance marker: {exc}") from None
-    return rules
+            problem = str(exc)
+            break
+    else:
+        return rules
+    # The marker is read while the test runs: fail it with one line (a UsageError here would
+    # be reported as the test's error, with the plugin's traceback).
+    pytest.fail(f"{node.nodeid}: bad eq_tolerance marker: {problem}", pytrace=False)
 
 
 def recorded_rules(stored: dict[str, Any] | None) -> list[ToleranceRule]:
