@@ -56,7 +56,7 @@ class Registry:
 
         from eqcore.data import imagenet_spec
         from eqcore.errors import EQError
-        from eqcore.zoo import ZooModel, get_model, load_state_dict_file
+        from eqcore.zoo import ZooModel, _load_into, get_model, load_state_dict_file
 
         factory = self.models.get(name)
         if factory is None:
@@ -70,7 +70,8 @@ class Registry:
                 raise EQError(f"registered model {name!r} returned {type(built).__name__}, not an nn.Module")
             built = ZooModel(model=built, name=name, weights="none", spec=self.specs.get(name) or imagenet_spec())
         if weights != "none":
-            built.model.load_state_dict(load_state_dict_file(weights))
+            # eqcore's loader: a file that does not fit gets one line naming the keys, not torch's report.
+            _load_into(built.model, load_state_dict_file(weights), file=weights, model_name=name)
             built.weights = weights
         built.model.eval()
         return built
