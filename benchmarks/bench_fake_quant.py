@@ -1,8 +1,9 @@
 """Forward+backward of EQLearnableFakeQuantize against torch.ao's _LearnableFakeQuantize.
 
-Prints the median time over repeats for each quantizer on the same input, the ratio
-(torch / ours, so > 1 means ours is faster), and a clone() of the input as the
-memory-bandwidth floor. Run: python benchmarks/bench_fake_quant.py [--threads 2] [--repeats 30]
+Both run on the same input, interleaved repeat by repeat (so drift in the machine's speed hits
+both alike). Prints each one's median time, the speedup as the ratio of medians and as the
+median of the per-repeat ratios (torch / ours, > 1 means ours is faster), and a clone() of the
+input as the memory-bandwidth floor. Run: python benchmarks/bench_fake_quant.py [--threads 2]
 """
 
 from __future__ import annotations
@@ -19,14 +20,21 @@ from eqcore.quantizers import EQLearnableFakeQuantize
 
 
 def median_ms(fn: Callable[[], object], repeats: int, warmup: int = 3) -> float:
-    for _ in range(warmup):
-        fn()
-    times = []
+    return interleaved_ms({"only": fn}, repeats, warmup)["only"][0]
+
+
+def interleaved_ms(fns: dict[str, Callable[[], object]], repeats: int, warmup: int = 3) -> dict[str, list[float]]:
+    """Per function: [median ms, then every repeat's ms], the functions taking turns."""
+    for fn in fns.values():
+        for _ in range(warmup):
+            fn()
+    times: dict[str, list[float]] = {name: [] for name in fns}
     for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times) * 1e3
+        for name, fn in fns.items():
+            start = time.perf_counter()
+            fn()
+            times[name].append((time.perf_counter() - start) * 1e3)
+    return {name: [statistics.median(t), *t] for name, t in times.items()}
 
 
 def make_quantizer(cls: type, case: str, channels: int) -> torch.nn.Module:
@@ -74,19 +82,23 @@ def main() -> None:
         "weight 512x512x3x3, per-channel symmetric int8 (axis 0)": ("weight", torch.randn(512, 512, 3, 3) * 0.05),
     }
     print(f"torch {torch.__version__}, torch.set_num_threads({args.threads}), median of {args.repeats}, CPU")
-    print(f"{'case':58s} {'clone ms':>9s} {'torch ms':>9s} {'ours ms':>9s} {'speedup':>8s}")
+    print(f"{'case':58s} {'clone ms':>9s} {'torch ms':>9s} {'ours ms':>9s} {'speedup':>8s} {'per-repeat':>10s}")
     for name, (case, data) in cases.items():
-        timings = {}
+        runs = {}
+        grad = torch.randn_like(data)
         for label, cls in (("torch", _LearnableFakeQuantize), ("ours", EQLearnableFakeQuantize)):
             fq = make_quantizer(cls, case, data.shape[0])
             fq(data)  # calibrate qparams with the observer, then learn them as in QAT
             fq.enable_param_learning()
-            x = data.clone().requires_grad_()
-            grad = torch.randn_like(data)
-            timings[label] = median_ms(forward_backward(fq, x, grad), args.repeats)
+            runs[label] = forward_backward(fq, data.clone().requires_grad_(), grad)
+        timings = interleaved_ms(runs, args.repeats)
         clone = median_ms(data.clone, args.repeats)
-        ratio = timings["torch"] / timings["ours"]
-        print(f"{name:58s} {clone:9.2f} {timings['torch']:9.2f} {timings['ours']:9.2f} {ratio:7.2f}x")
+        ratio = timings["torch"][0] / timings["ours"][0]
+        pairs = statistics.median(t / o for t, o in zip(timings["torch"][1:], timings["ours"][1:]))
+        print(
+            f"{name:58s} {clone:9.2f} {timings['torch'][0]:9.2f} {timings['ours'][0]:9.2f} "
+            f"{ratio:7.2f}x {pairs:9.2f}x"
+        )
 
 
 if __name__ == "__main__":

@@ -86,59 +86,77 @@ def _qparams(
     return _channel_view(s, x.dim(), axis), _channel_view(z, x.dim(), axis)
 
 
-def _fake_quantize_values(x: torch.Tensor, s: torch.Tensor, z: torch.Tensor, qmin: int, qmax: int) -> torch.Tensor:
-    """y = (clamp(round(x * (1/s)) + z, qmin, qmax) - z) * s, in one buffer.
+CHUNK = 1 << 18
+"""Elements per chunk: the working set of a chunk's passes stays in the CPU's L2 cache."""
+
+_hardtanh_backward = torch.ops.aten.hardtanh_backward
+_buffers = threading.local()
+
+
+def _chunk_buffers(dtype: torch.dtype, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Two CHUNK-sized work buffers, kept per thread (1 MiB each in float32)."""
+    if device.type != "cpu":
+        return torch.empty(CHUNK, dtype=dtype, device=device), torch.empty(CHUNK, dtype=dtype, device=device)
+    cache = getattr(_buffers, "cache", None)
+    if cache is None:
+        cache = _buffers.cache = {}
+    pair = cache.get(dtype)
+    if pair is None:
+        pair = cache[dtype] = (torch.empty(CHUNK, dtype=dtype), torch.empty(CHUNK, dtype=dtype))
+    return pair
+
+
+def _chunks(pre: int, channels: int, post: int) -> list[tuple[slice, slice, slice]]:
+    """Contiguous slices of a (pre, channels, post) tensor of at most about CHUNK elements."""
+    if pre * channels * post == 0:
+        return []
+    if channels * post <= CHUNK:
+        rows = max(1, CHUNK // (channels * post))
+        return [(slice(p, min(p + rows, pre)), slice(None), slice(None)) for p in range(0, pre, rows)]
+    if post <= CHUNK:
+        width = max(1, CHUNK // post)
+        return [
+            (slice(p, p + 1), slice(c, min(c + width, channels)), slice(None))
+            for p in range(pre)
+            for c in range(0, channels, width)
+        ]
+    return [
+        (slice(p, p + 1), slice(c, c + 1), slice(t, min(t + CHUNK, post)))
+        for p in range(pre)
+        for c in range(channels)
+        for t in range(0, post, CHUNK)
+    ]
+
+
+def _as_3d(t: torch.Tensor, axis: int | None) -> torch.Tensor:
+    """View as (pre, channels, post) around the channel axis (channels = 1 per tensor)."""
+    if axis is None:
+        return t.reshape(1, 1, t.numel())
+    pre = math.prod(t.shape[:axis])
+    return t.reshape(pre, t.shape[axis], math.prod(t.shape[axis + 1 :]))
+
+
+def _fake_quantize_values(x: torch.Tensor, s: torch.Tensor, z: torch.Tensor, qmin: int, qmax: int, axis: int | None) -> torch.Tensor:
+    """y = (clamp(round(x * (1/s)) + z, qmin, qmax) - z) * s, a cache-sized chunk at a time.
 
     The same float operations as torch's kernels, so outputs are bit-identical to
     torch.fake_quantize_per_{tensor,channel}_affine (adding z also turns round's -0.0 into +0.0).
     """
-    y = torch.mul(x.detach().to(_compute_dtype(x)), torch.reciprocal(s))
-    return y.round_().add_(z).clamp_(qmin, qmax).sub_(z).mul_(s).to(x.dtype)
-
-
-_hardtanh_backward = torch.ops.aten.hardtanh_backward
-WORKSPACE_LIMIT = 64 * 2**20
-_workspace = threading.local()
-
-
-def _scratch(like: torch.Tensor, dtype: torch.dtype, slot: int) -> torch.Tensor:
-    """A buffer shaped like ``like`` for temporaries that never leave the backward.
-
-    On the CPU a fresh tensor of tens of MB costs a page fault per 4 KiB page (the allocator
-    returns large blocks to the OS), which is more than the arithmetic done in it; so each
-    thread keeps its scratch buffers (up to WORKSPACE_LIMIT bytes each) and reuses them.
-    Other devices have caching allocators of their own.
-    """
-    numel = like.numel()
-    if like.device.type != "cpu" or numel * torch.finfo(dtype).bits // 8 > WORKSPACE_LIMIT:
-        return torch.empty(like.shape, dtype=dtype, device=like.device)
-    buffers = getattr(_workspace, "buffers", None)
-    if buffers is None:
-        buffers = _workspace.buffers = {}
-    key = (slot, dtype)
-    buffer = buffers.get(key)
-    if buffer is None or buffer.numel() < numel:
-        buffer = buffers[key] = torch.empty(numel, dtype=dtype)
-    return buffer[:numel].view(like.shape)
-
-
-def release_workspace() -> None:
-    """Free this thread's cached backward scratch buffers."""
-    _workspace.buffers = {}
-
-
-def _masked(grad: torch.Tensor, q: torch.Tensor, low: float, high: float, out: torch.Tensor | None = None) -> torch.Tensor:
-    """grad where low < q < high, else 0, in one fused pass (q is integer-valued)."""
-    if out is None:
-        return _hardtanh_backward(grad, q, low, high)
-    return _hardtanh_backward.grad_input(grad, q, low, high, grad_input=out)
-
-
-def _sum_per_channel(t: torch.Tensor, axis: int | None) -> torch.Tensor:
-    if axis is None:
-        return t.sum().double().reshape(1)
-    dims = [d for d in range(t.dim()) if d != axis]
-    return t.sum(dims).double() if dims else t.to(torch.float64, copy=True)
+    dtype = s.dtype
+    x3 = _as_3d(x.detach(), axis)
+    y3 = torch.empty(x3.shape, dtype=dtype, device=x.device)
+    inv = torch.reciprocal(s).reshape(1, -1, 1)
+    s3, z3 = s.reshape(1, -1, 1), z.reshape(1, -1, 1)
+    per_tensor = axis is None
+    for rows, cols, cells in _chunks(*x3.shape):
+        out = y3[rows, cols, cells]
+        if per_tensor:
+            torch.mul(x3[rows, cols, cells], inv, out=out).round_().add_(z3).clamp_(qmin, qmax).sub_(z3).mul_(s3)
+        else:
+            zc = z3[:, cols]
+            torch.mul(x3[rows, cols, cells], inv[:, cols], out=out).round_().add_(zc).clamp_(qmin, qmax)
+            out.sub_(zc).mul_(s3[:, cols])
+    return y3.reshape(x.shape).to(x.dtype)
 
 
 def _backward(
@@ -158,26 +176,52 @@ def _backward(
     kernels do): u = x * (1/s), q = round(u) + z. rounding sums dY * (u - round(u)) inside the
     grid, below and above sum dY below and above it. +-inf become values just beyond any grid;
     a NaN keeps a NaN residual, which carries it into dS and dZ, and is placed below the grid,
-    so dX leaves it out. Temporaries live in reused scratch buffers; dX is the one new tensor.
+    so dX leaves it out. The work runs a cache-sized chunk at a time in two small reused
+    buffers, so the passes stay in cache and no large temporary is allocated: dX is the one
+    new tensor.
     """
     span = float(qmax - qmin + 1)
     lo, hi = qmin - 0.5, qmax + 0.5
     dtype = s.dtype
-    residual = torch.mul(x.to(dtype), torch.reciprocal(s), out=_scratch(x, dtype, 0)).clamp_(-span, span)
-    q = torch.round(residual, out=_scratch(x, dtype, 1))
-    residual.sub_(q)
-    q.nan_to_num_(nan=-span).add_(z)
-    grad_x = _masked(grad_y, q, lo, hi)
-    if not need_params:
-        return grad_x, None
-    # dX * residual, not a masked residual: 0 * NaN keeps a NaN input's NaN in the sum.
-    if axis is None:
-        rounding = torch.dot(grad_x.reshape(-1), residual.reshape(-1)).double().reshape(1)
-    else:
-        rounding = _sum_per_channel(residual.mul_(grad_x), axis)
-    below = _sum_per_channel(_masked(grad_y, q, -math.inf, lo, out=residual), axis)
-    above = _sum_per_channel(_masked(grad_y, q, hi, math.inf, out=residual), axis)
-    return grad_x, torch.stack([rounding, below, above])
+    x3, dy3 = _as_3d(x, axis), _as_3d(grad_y, axis)
+    grad_x = torch.empty(x3.shape, dtype=dtype, device=x.device)
+    inv = torch.reciprocal(s).reshape(1, -1, 1)
+    z3 = z.reshape(1, -1, 1)
+    u_buffer, q_buffer = _chunk_buffers(dtype, x.device)
+    chunks = _chunks(*x3.shape)
+    per_tensor = axis is None
+    parts = torch.empty((len(chunks), 3), dtype=dtype, device=x.device) if need_params and per_tensor else None
+    partial: list[tuple[slice, torch.Tensor]] = []
+    for index, (rows, cols, cells) in enumerate(chunks):
+        xs, dys, out = x3[rows, cols, cells], dy3[rows, cols, cells], grad_x[rows, cols, cells]
+        residual = u_buffer[: xs.numel()].view(xs.shape)
+        q = q_buffer[: xs.numel()].view(xs.shape)
+        torch.mul(xs, inv if per_tensor else inv[:, cols], out=residual).clamp_(-span, span)
+        torch.round(residual, out=q)
+        residual.sub_(q)
+        q.nan_to_num_(nan=-span).add_(z3 if per_tensor else z3[:, cols])
+        _hardtanh_backward.grad_input(dys, q, lo, hi, grad_input=out)
+        if not need_params:
+            continue
+        # dX * residual, not a masked residual: 0 * NaN keeps a NaN input's NaN in the sum.
+        if per_tensor:
+            part = parts[index]
+            torch.dot(out.reshape(-1), residual.reshape(-1), out=part[0])
+            torch.sum(_hardtanh_backward.grad_input(dys, q, -math.inf, lo, grad_input=residual).view(-1), 0, out=part[1])
+            torch.sum(_hardtanh_backward.grad_input(dys, q, hi, math.inf, grad_input=residual).view(-1), 0, out=part[2])
+            continue
+        rounding = residual.mul_(out).sum((0, 2))
+        below = _hardtanh_backward.grad_input(dys, q, -math.inf, lo, grad_input=residual).sum((0, 2))
+        above = _hardtanh_backward.grad_input(dys, q, hi, math.inf, grad_input=residual).sum((0, 2))
+        partial.append((cols, torch.stack([rounding, below, above])))
+    sums = None
+    if parts is not None:
+        sums = parts.double().sum(0).reshape(3, 1)
+    elif need_params:
+        sums = torch.zeros((3, x3.shape[1]), dtype=torch.float64, device=x.device)
+        for cols, part in partial:
+            sums[:, cols] += part
+    return grad_x.reshape(x.shape), sums
 
 
 class _LearnableFakeQuantizeFn(torch.autograd.Function):
@@ -198,7 +242,7 @@ class _LearnableFakeQuantizeFn(torch.autograd.Function):
         ctx.axis = axis
         ctx.grad_factor = grad_factor
         ctx.param_meta = ((scale.shape, scale.dtype), (zero_point.shape, zero_point.dtype))
-        return _fake_quantize_values(x, s, z, quant_min, quant_max)
+        return _fake_quantize_values(x, s, z, quant_min, quant_max, axis)
 
     @staticmethod
     def backward(ctx: Any, grad_y: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
@@ -236,7 +280,7 @@ class _FakeQuantizeFn(torch.autograd.Function):
         ctx.save_for_backward(x, s, z)
         ctx.qrange = (quant_min, quant_max)
         ctx.axis = axis
-        return _fake_quantize_values(x, s, z, quant_min, quant_max)
+        return _fake_quantize_values(x, s, z, quant_min, quant_max, axis)
 
     @staticmethod
     def backward(ctx: Any, grad_y: torch.Tensor):  # noqa: ANN205
