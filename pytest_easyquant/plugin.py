@@ -51,9 +51,10 @@ def pytest_configure(config: pytest.Config) -> None:
     config.stash[SESSION_KEY] = EQSession(config, eq_options.resolve(config), registry)
     if config.pluginmanager.hasplugin("xdist"):
         config.pluginmanager.register(_XdistHooks(), "easyquant-xdist")
-        # Keep each model's checks on one worker, so each worker runs each model at most once.
+        # Keep each model's checks on one worker (a suite is one scope), so each worker runs
+        # each model at most once; users' tests are then distributed by module.
         if getattr(config.option, "dist", None) == "load" and get_session(config).options.models:
-            config.option.dist = "loadgroup"
+            config.option.dist = "loadscope"
 
 
 def get_session(config: pytest.Config) -> EQSession:

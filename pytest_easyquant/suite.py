@@ -48,11 +48,7 @@ class EQSuite(pytest.Collector):
         self.checks = checks
 
     def collect(self) -> list[EQCheckItem]:
-        items = [EQCheckItem.from_parent(self, name=check.name, check=check) for check in self.checks]
-        if self.config.pluginmanager.hasplugin("xdist"):
-            for item in items:
-                item.add_marker(pytest.mark.xdist_group(self.name))
-        return items
+        return [EQCheckItem.from_parent(self, name=check.name, check=check) for check in self.checks]
 
 
 @dataclass
