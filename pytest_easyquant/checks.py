@@ -170,6 +170,7 @@ def _weight_hist(run: ModelRun, target: str | None) -> Payload:
     problems = _nonfinite_problem(target, "has weights with", weight.stats)
     if weight.gradients is not None:
         values["gradient"] = _stats_dict(weight.grad_stats)
+        problems += _nonfinite_problem(target, "received gradients with", weight.grad_stats)
         values["score"] = float(weight.score) if weight.score is not None else math.nan
         arrays["binned_grads"] = np.asarray(weight.binned_grads)
     return Payload(values=values, arrays=arrays, problems=problems)
