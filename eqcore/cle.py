@@ -26,6 +26,8 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
+from eqcore.fusion import call_counts as _call_counts
+
 __all__ = [
     "CLEPairs",
     "SkippedPair",
@@ -331,14 +333,6 @@ class _Break:
 
 def _layer_at(traced: fx.GraphModule, node: fx.Node, types: tuple[type[nn.Module], ...]) -> bool:
     return node.op == "call_module" and isinstance(traced.get_submodule(node.target), types)
-
-
-def _call_counts(graph: fx.Graph) -> dict[str, int]:
-    counts: dict[str, int] = {}
-    for node in graph.nodes:
-        if node.op == "call_module":
-            counts[node.target] = counts.get(node.target, 0) + 1
-    return counts
 
 
 def _trace_back(

@@ -98,7 +98,9 @@ def _bn_matches(layer: nn.Module, bn: nn.Module) -> bool:
     return False
 
 
-def _call_counts(graph: fx.Graph) -> dict[str, int]:
+def call_counts(graph: fx.Graph) -> dict[str, int]:
+    """How many times each submodule is called in ``graph`` (a module called twice cannot be
+    rewritten for one of its uses alone)."""
     counts: dict[str, int] = {}
     for node in graph.nodes:
         if node.op == "call_module":
@@ -139,7 +141,7 @@ def float_convbn_to_conv(traced: fx.GraphModule, *, inplace: bool = False) -> fx
         raise _training_error("float_convbn_to_conv", "the model", "traced")
 
     folds: list[tuple[fx.Node, fx.Node]] = []
-    calls = _call_counts(traced.graph)
+    calls = call_counts(traced.graph)
     for bn_node in traced.graph.nodes:
         if bn_node.op != "call_module" or len(bn_node.args) != 1 or bn_node.kwargs:
             continue
