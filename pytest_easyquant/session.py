@@ -113,6 +113,19 @@ class EQSession:
             weights_root=self.config.rootpath,
         )
 
+    def recorded_recipes_hint(self, request: Any) -> str:
+        """When this run's recipe has no baselines but others of the model do, how to compare."""
+        directory = self.baseline_dir(request)
+        if self.options.baseline_recipe or directory.exists() or not directory.parent.is_dir():
+            return ""
+        recipes = sorted(p.name for p in directory.parent.iterdir() if p.is_dir() and not p.name.startswith("."))
+        if not recipes:
+            return ""
+        return (
+            f"baselines of this model exist for recipe {', '.join(recipes)}: to see what moves against "
+            f"them, run with --eq-baseline-recipe {recipes[0]}"
+        )
+
     def metadata(self, request: Any) -> BaselineMetadata:
         plan = self.plan(request)
         return BaselineMetadata.current(

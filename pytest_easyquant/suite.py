@@ -8,6 +8,7 @@ values, then write them (update modes) or read the baseline and compare through
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -129,6 +130,7 @@ class EQCheckItem(pytest.Item):
             directory=session.baseline_dir(request),
             metadata=lambda: session.metadata(request),
             suite=self.parent.name,
+            missing_hint=lambda: session.recorded_recipes_hint(request),
         )
 
     def repr_failure(self, excinfo: pytest.ExceptionInfo[BaseException], style: Any = None) -> str:
@@ -150,16 +152,18 @@ def verify(
     metadata: Any,
     suite: str,
     extra_rules: list[Any] = (),
+    missing_hint: Callable[[], str] | None = None,
 ) -> None:
     """The one routine every check goes through: obtain, then write (update modes) or compare.
 
     ``check`` has ``name``, ``storage_key``, ``suffixes`` and ``compare``; ``obtain()`` returns its
-    Payload; ``metadata()`` the current BaselineMetadata. Raises CheckFailure / BaselineError.
+    Payload; ``metadata()`` the current BaselineMetadata; ``missing_hint()``, a line added to a
+    missing-baseline failure. Raises CheckFailure / BaselineError.
     """
     outcome = Outcome(nodeid=node.nodeid, suite=suite, check=check.name, status="error")
     session.record(outcome)
     try:
-        _settle(node, session, check, obtain(), directory, metadata, outcome, list(extra_rules))
+        _settle(node, session, check, obtain(), directory, metadata, outcome, list(extra_rules), missing_hint)
     except QUIET_ERRORS as exc:
         outcome.message = str(exc)
         if isinstance(exc, CheckFailure):
@@ -176,6 +180,7 @@ def _settle(
     metadata: Any,
     outcome: Outcome,
     extra_rules: list[Any],
+    missing_hint: Callable[[], str] | None,
 ) -> None:
     options = session.options
     files = _files(check, directory)
@@ -195,7 +200,9 @@ def _settle(
         stored = read_payload(check, directory)
     except MissingBaseline as exc:
         outcome.status = "missing"
-        raise MissingBaseline(f"no baseline at {exc.path}; record it with: {session.update_command()}", path=exc.path) from None
+        message = f"no baseline at {exc.path}; record it with: {session.update_command()}"
+        hint = missing_hint() if missing_hint is not None else ""
+        raise MissingBaseline(f"{message}\n{hint}" if hint else message, path=exc.path) from None
     table = tolerance_table(node, options, stored=stored.tolerance, extra=extra_rules)
     rows = check.compare(stored.payload, obtained, table, results_dir=results_dir)
     differences = stored.metadata.differences(metadata()) if stored.metadata is not None else []

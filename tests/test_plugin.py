@@ -543,6 +543,21 @@ def test_missing_baseline_says_how_to_create_it(project: pytest.Pytester) -> Non
     run(project, *TINY, "--eq-no-plots", "-p", "no:cacheprovider").assert_outcomes(passed=19)
 
 
+def test_a_recipe_without_baselines_points_to_the_recorded_ones(project: pytest.Pytester) -> None:
+    assert run(project, *TINY, "--eq-no-plots", "-k", "fidelity", "--eq-update-baselines").ret == 0
+    hint = "baselines of this model exist for recipe w8a8: to see what moves against them, run with --eq-baseline-recipe w8a8"
+
+    result = run(project, *TINY, "--eq-no-plots", "-k", "fidelity", "--eq-recipe", "w4a4")
+    result.assert_outcomes(failed=1, deselected=18)
+    output = text(result)
+    assert re.search(r"^no baseline at .*w4a4/fidelity\.json; record it with: pytest .*--eq-update-new-only$", output, re.MULTILINE)
+    assert output.count(hint) == 2, output  # in the failure and in the summary
+
+    against = run(project, *TINY, "--eq-no-plots", "-k", "fidelity", "--eq-recipe", "w4a4", "--eq-baseline-recipe", "w8a8")
+    assert "recipe: baseline w8a8, now w4a4" in text(against)
+    assert hint not in text(against)
+
+
 def test_update_new_only_writes_only_missing_files(project: pytest.Pytester) -> None:
     directory = project.path / TINY_DIR
     assert run(project, *TINY, "--eq-update-baselines", "-k", "fidelity or layer_sqnr").ret == 0
