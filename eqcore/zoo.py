@@ -52,6 +52,7 @@ __all__ = [
     "digits_weights_path",
     "get_model",
     "load_state_dict_file",
+    "load_weights_file",
 ]
 
 DIGITS = "digits"
@@ -197,6 +198,11 @@ def load_state_dict_file(path: str | Path) -> dict[str, torch.Tensor]:
     return state
 
 
+def load_weights_file(model: nn.Module, file: str | Path, *, model_name: str) -> None:
+    """Load a state-dict file into ``model`` strictly; EQError in one line naming what does not fit."""
+    _load_into(model, load_state_dict_file(file), file=str(file), model_name=model_name)
+
+
 def _load_into(model: nn.Module, state: dict[str, torch.Tensor], *, file: str, model_name: str) -> None:
     expected = model.state_dict()
     missing = [k for k in expected if k not in state]
@@ -278,7 +284,7 @@ def _digits(weights: str) -> ZooModel:
             f"weights {weights!r} for model 'digits': use 'none' (the shipped trained weights) or "
             "a state-dict file path; 'digits' has no torchvision weights enum"
         )
-    _load_into(model, load_state_dict_file(file), file=str(file), model_name=DIGITS)
+    load_weights_file(model, file, model_name=DIGITS)
     return ZooModel(model=model, name=DIGITS, weights=canonical, spec=digits_spec())
 
 
@@ -428,6 +434,6 @@ def _from_factory(name: str, weights: str, *, seed: int) -> ZooModel:
             f"weights {weights!r} for factory model {name!r}: torchvision weight enums only apply to "
             "torchvision model names; use 'none' or a state-dict file path"
         )
-    _load_into(zoo_model.model, load_state_dict_file(weights), file=weights, model_name=name)
+    load_weights_file(zoo_model.model, weights, model_name=name)
     zoo_model.weights = weights
     return zoo_model

@@ -56,7 +56,7 @@ class Registry:
 
         from eqcore.data import imagenet_spec
         from eqcore.errors import EQError
-        from eqcore.zoo import ZooModel, _load_into, get_model, load_state_dict_file
+        from eqcore.zoo import ZooModel, get_model, load_weights_file
 
         factory = self.models.get(name)
         if factory is None:
@@ -71,7 +71,7 @@ class Registry:
             built = ZooModel(model=built, name=name, weights="none", spec=self.specs.get(name) or imagenet_spec())
         if weights != "none":
             # eqcore's loader: a file that does not fit gets one line naming the keys, not torch's report.
-            _load_into(built.model, load_state_dict_file(weights), file=weights, model_name=name)
+            load_weights_file(built.model, weights, model_name=name)
             built.weights = weights
         built.model.eval()
         return built

@@ -169,6 +169,9 @@ def verify(
         if isinstance(exc, CheckFailure):
             outcome.status = "failed"
         raise
+    except Exception as exc:
+        outcome.message = f"{type(exc).__name__}: {exc}"
+        raise
 
 
 def _settle(
