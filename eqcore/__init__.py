@@ -40,6 +40,7 @@ _EXPORTS: dict[str, str] = {
     "get_previous_module_node": "cle",
     "find_cle_pairs": "cle",
     "equalize": "cle",
+    "absorb_high_bias": "cle",
     "relu6_to_relu": "cle",
     "CLEPairs": "cle",
     "SkippedPair": "cle",

@@ -115,6 +115,22 @@ def _training_error(fn: str, what: str, arg: str) -> ValueError:
     )
 
 
+PREACT_MEAN = "eq_preact_mean"
+PREACT_STD = "eq_preact_std"
+
+
+def _record_output_statistics(layer: nn.Module, bn: nn.modules.batchnorm._BatchNorm) -> None:
+    """Keep what the folded BatchNorm said about the layer's output: per channel, mean beta and
+    standard deviation |gamma| (non-persistent buffers, so state dicts are unchanged).
+    ``eqcore.cle.absorb_high_bias`` reads them; ``equalize`` rescales them with the channels."""
+    reference = layer.weight.detach()
+    channels = bn.num_features
+    beta = bn.bias.detach() if bn.bias is not None else torch.zeros(channels)
+    gamma = bn.weight.detach().abs() if bn.weight is not None else torch.ones(channels)
+    layer.register_buffer(PREACT_MEAN, beta.to(reference.device, reference.dtype).clone(), persistent=False)
+    layer.register_buffer(PREACT_STD, gamma.to(reference.device, reference.dtype).clone(), persistent=False)
+
+
 def float_convbn_to_conv(traced: fx.GraphModule, *, inplace: bool = False) -> fx.GraphModule:
     """Fold every BatchNorm that directly follows a Conv1d/2d/3d or Linear into that layer.
 
@@ -123,6 +139,9 @@ def float_convbn_to_conv(traced: fx.GraphModule, *, inplace: bool = False) -> fx
     BatchNorm as its only user, and the layer is called only once in the graph. The layer gets the
     folded weight and bias (a bias is created if it had none), the BatchNorm node is removed and
     the graph recompiled. ``affine=False`` BatchNorms fold as gamma = 1, beta = 0.
+
+    The layer also keeps the BatchNorm's description of its output (per-channel mean beta and
+    standard deviation |gamma|) as non-persistent buffers, for :func:`eqcore.cle.absorb_high_bias`.
 
     BatchNorms without running statistics (``track_running_stats=False``) normalise with batch
     statistics even in eval mode, so they cannot be folded: they are left in the graph unchanged.
@@ -175,6 +194,7 @@ def float_convbn_to_conv(traced: fx.GraphModule, *, inplace: bool = False) -> fx
                 layer.bias = nn.Parameter(bias, requires_grad=layer.weight.requires_grad)
             else:
                 layer.bias.copy_(bias)
+        _record_output_statistics(layer, bn)
         bn_node.replace_all_uses_with(layer_node)
         model.graph.erase_node(bn_node)
         if not any(n.op == "call_module" and n.target == bn_node.target for n in model.graph.nodes):

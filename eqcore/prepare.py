@@ -16,7 +16,7 @@ import torch
 from torch import fx, nn
 
 from eqcore._torch_ao import FakeQuantizeBase, prepare_qat_fx
-from eqcore.cle import CLEPairs, equalize, find_cle_pairs
+from eqcore.cle import CLEPairs, absorb_high_bias, equalize, find_cle_pairs
 from eqcore.errors import EQError
 from eqcore.fusion import float_convbn_to_conv
 from eqcore.qconfigs import Recipe, get_recipe
@@ -68,9 +68,13 @@ def prepare(
     fuse_bn: bool = True,
     cle: bool = False,
     cle_threshold: float = 1e-4,
+    high_bias_absorption: bool = False,
 ) -> PreparedModel:
     """Trace, fold BN, optionally equalize, and insert the recipe's fake quantizers.
 
+    ``high_bias_absorption`` (after CLE when both are on, as in DFQ) moves large positive
+    biases of the CLE pairs' first layers into the next layer (:func:`absorb_high_bias`,
+    which needs ``fuse_bn``); ``float_model`` is then the absorbed float model.
     The input model is not modified. The result is in eval mode with fake quantization and the
     observers enabled, ready for :func:`calibrate`.
     """
@@ -82,6 +86,11 @@ def prepare(
     if cle:
         pairs = find_cle_pairs(float_model)
         float_model = equalize(float_model, pairs, threshold=cle_threshold, inplace=True)
+    if high_bias_absorption:
+        if not fuse_bn:
+            raise ValueError("high_bias_absorption needs fuse_bn=True: it uses the folded BatchNorms' statistics")
+        pairs = pairs if pairs is not None else find_cle_pairs(float_model)
+        float_model = absorb_high_bias(float_model, pairs, inplace=True)[0]
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", DeprecationWarning)
         warnings.simplefilter("ignore", FutureWarning)

@@ -11,7 +11,7 @@ import torchvision
 from torch import fx, nn
 
 from eqcore import equalize, find_cle_pairs, float_convbn_to_conv, get_previous_module_node
-from eqcore.cle import CLEPairs, SkippedPair, relu6_to_relu
+from eqcore.cle import CLEPairs, SkippedPair, absorb_high_bias, relu6_to_relu
 
 TUTORIAL_PAIRS = [
     ["layer1.0.conv1", "layer1.0.conv2"],
@@ -527,3 +527,139 @@ def test_equalize_options_and_validation():
         equalize(model, [["a"]])
     with pytest.raises(ValueError, match="only Conv1d/2d/3d and Linear"):
         equalize(Chain(nn.ReLU()), [["a", "between"]])
+
+
+# --- high-bias absorption ---------------------------------------------------------------------
+
+
+class BiasedChain(nn.Module):
+    """conv/linear -> BN (large positive beta, small gamma) -> ReLU -> [depthwise -> BN -> ReLU] -> last."""
+
+    def __init__(self, kind: str, padding: int = 0) -> None:
+        super().__init__()
+        self.kind = kind
+        if kind == "linear":
+            self.first, self.bn1, self.last = nn.Linear(6, 8), nn.BatchNorm1d(8), nn.Linear(8, 4)
+        else:
+            self.first, self.bn1 = nn.Conv2d(3, 8, 1), nn.BatchNorm2d(8)
+            self.last = nn.Conv2d(8, 4, 3, padding=padding, bias=False)
+        if kind == "depthwise":
+            self.dw, self.bn2 = nn.Conv2d(8, 8, 3, groups=8), nn.BatchNorm2d(8)
+        g = torch.Generator().manual_seed(3)
+        for bn in (m for m in self.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)):
+            with torch.no_grad():
+                bn.running_mean.copy_(torch.randn(bn.num_features, generator=g))
+                bn.running_var.copy_(torch.rand(bn.num_features, generator=g) * 4 + 4)
+                bn.weight.copy_(torch.rand(bn.num_features, generator=g) * 0.3 + 0.1)
+                bn.bias.copy_(torch.rand(bn.num_features, generator=g) * 2 + 1.5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = F.relu(self.bn1(self.first(x)))
+        if self.kind == "depthwise":
+            x = F.relu(self.bn2(self.dw(x)))
+        return self.last(x)
+
+
+def absorbable(kind: str, padding: int = 0) -> tuple[fx.GraphModule, CLEPairs, torch.Tensor]:
+    torch.manual_seed(0)
+    model = BiasedChain(kind, padding).double().eval()
+    fused = float_convbn_to_conv(fx.symbolic_trace(model))
+    x = torch.randn(16, 6, dtype=torch.float64) if kind == "linear" else torch.randn(2, 3, 9, 9, dtype=torch.float64)
+    return fused, find_cle_pairs(fused), x
+
+
+def preactivations_stay_above_c(model: nn.Module, x: torch.Tensor, n_std: float) -> bool:
+    """The exactness condition: every output of a layer with statistics is >= beta - n_std * gamma."""
+    ok = True
+
+    def check(module, _inputs, output):
+        nonlocal ok
+        c = (module.eq_preact_mean - n_std * module.eq_preact_std).clamp_min(0)
+        shape = (1, -1) + (1,) * (output.dim() - 2)
+        ok &= bool((output >= c.reshape(shape)).all())
+
+    handles = [m.register_forward_hook(check) for m in model.modules() if hasattr(m, "eq_preact_mean")]
+    with torch.no_grad():
+        model(x)
+    for handle in handles:
+        handle.remove()
+    return ok
+
+
+def test_fusion_keeps_the_batchnorm_statistics_outside_the_state_dict():
+    fused, _, _ = absorbable("linear")
+    bn = BiasedChain("linear").double().bn1
+    torch.testing.assert_close(fused.first.eq_preact_mean, bn.bias.detach(), rtol=0, atol=0)
+    torch.testing.assert_close(fused.first.eq_preact_std, bn.weight.detach().abs(), rtol=0, atol=0)
+    assert not any(key.endswith(("eq_preact_mean", "eq_preact_std")) for key in fused.state_dict())
+
+
+@pytest.mark.parametrize("kind", ["linear", "conv", "depthwise"])
+@pytest.mark.parametrize("cle", [False, True], ids=["fused", "equalized"])
+def test_high_bias_absorption_keeps_the_output_where_activations_stay_above_c(kind, cle):
+    fused, pairs, x = absorbable(kind)
+    model = equalize(fused, pairs) if cle else fused
+    assert preactivations_stay_above_c(model, x, 3.0)  # the test's precondition
+    first_bias = model.first.bias.detach().clone()
+
+    absorbed, report = absorb_high_bias(model, pairs)
+
+    assert [(r.first, r.second) for r in report] == [tuple(p) for g in pairs for p in zip(g, g[1:])]
+    c = report[0].absorbed.double()
+    assert report[0].channels == 8 and bool((c > 0).all())
+    torch.testing.assert_close(absorbed.first.bias.detach(), first_bias - c, rtol=1e-6, atol=1e-6)
+    with torch.no_grad():
+        want, got = model(x), absorbed(x)
+    assert rel_err(got, want) < 1e-12
+    assert model.first.bias.detach().equal(first_bias)  # a copy unless inplace
+    if cle:  # the statistics followed each channel's scaling: c shrank with the channel
+        c_fused = absorb_high_bias(fused, pairs)[1][0].absorbed.double()
+        scaling = out_ranges(model.first) / out_ranges(fused.first)
+        assert not torch.allclose(scaling, torch.ones_like(scaling))
+        torch.testing.assert_close(c, c_fused * scaling, rtol=1e-5, atol=1e-6)
+
+
+def test_high_bias_absorption_on_a_padded_conv_moves_only_the_border():
+    fused, pairs, x = absorbable("conv", padding=1)
+    absorbed, report = absorb_high_bias(fused, pairs)
+    assert report and report[0].channels == 8
+    with torch.no_grad():
+        want, got = fused(x), absorbed(x)
+    inner = (slice(None), slice(None), slice(1, -1), slice(1, -1))
+    assert rel_err(got[inner], want[inner]) < 1e-12
+    assert rel_err(got, want) > 1e-3  # the taps on the zero padding no longer see c
+
+
+def test_high_bias_absorption_needs_statistics_and_a_valid_n_std():
+    model = Chain(nn.ReLU()).eval()  # no BatchNorm was folded: nothing is known about the output
+    absorbed, report = absorb_high_bias(model, [["a", "b"]])
+    assert report == []
+    assert absorbed.a.bias.equal(model.a.bias)
+    fused, pairs, _ = absorbable("linear")
+    assert absorb_high_bias(fused, pairs, inplace=True)[0] is fused
+    for bad in (-1.0, float("nan"), "3"):
+        with pytest.raises(ValueError, match="n_std must be a finite number >= 0"):
+            absorb_high_bias(fused, pairs, n_std=bad)
+
+
+def test_prepare_applies_high_bias_absorption_after_cle():
+    from eqcore.prepare import calibrate, prepare
+
+    torch.manual_seed(0)
+    model = BiasedChain("conv").eval()
+    x = torch.randn(4, 3, 9, 9)
+    plain = prepare(model, "w8a8", (x,), cle=True)
+    absorbed = prepare(model, "w8a8", (x,), cle=True, high_bias_absorption=True)
+    expected, report = absorb_high_bias(plain.float_model, plain.cle_pairs)
+    assert report[0].channels == 8
+    assert absorbed.float_model.first.bias.equal(expected.first.bias)
+    assert absorbed.float_model.last.bias.equal(expected.last.bias)
+    for prepared in (plain, absorbed):
+        calibrate(prepared.model, [x])
+    with torch.no_grad():
+        first_out = [F.relu(p.float_model.first(x)).amax() for p in (plain, absorbed)]
+        outputs = [p.model(x) for p in (plain, absorbed)]
+    assert first_out[1] < first_out[0]  # the activation range the quantizer must cover shrank
+    assert rel_err(outputs[1], outputs[0]) < 0.05
+    with pytest.raises(ValueError, match="needs fuse_bn=True"):
+        prepare(model, "w8a8", (x,), fuse_bn=False, high_bias_absorption=True)
