@@ -16,7 +16,9 @@ point, and all channels share one histogram over q.
 
 On the CPU, per-tensor binning runs over cache-sized chunks with a few in-place passes each and
 counts into interleaved sub-histograms (long runs of one value, like ReLU zeros, would otherwise
-serialise the count). Nothing per element is allocated: gradients are binned by computing the
+serialise the count). The gradient pass sums a gradient and counts its element in one
+scatter-add of complex weights (real part: the gradient, imaginary part: 1), into a few rows
+that separate threads fill. Nothing per element is allocated: gradients are binned by computing the
 indices from the forward value when the gradient arrives (:func:`bin_gradient`), which can
 count that value in the same pass. Other devices take the whole-tensor path, which never
 synchronises with the host.
@@ -322,6 +324,17 @@ class _Scratch(threading.local):
 _SCRATCH = _Scratch()
 
 
+def _weight_pairs(scratch: _Scratch, size: int) -> torch.Tensor:
+    """complex128 work buffer whose imaginary parts are all 1 (the real parts are overwritten):
+    scatter-adding it sums a weight (real) and counts an element (imaginary) in one pass."""
+    key = ("pairs", size, torch.complex128)
+    fresh = key not in scratch.buffers
+    pairs = scratch.get(*key)
+    if fresh:
+        torch.view_as_real(pairs)[:, 1].fill_(1.0)
+    return pairs
+
+
 class _ScratchLease:
     """Context manager: the thread's scratch buffers, or fresh ones if they are in use."""
 
@@ -407,6 +420,10 @@ class _ChunkIndexer:
 
 
 _COUNT_BATCH = 4
+_ROWS = 4
+"""Rows of sub-histograms the gradient pass scatter-adds into: scatter_add_ counts rows on
+separate intra-op threads (torch.bincount is single-threaded). A fixed number, so the float
+sums do not depend on the machine's thread count."""
 
 
 def _bin_cpu_chunked(
@@ -614,9 +631,9 @@ def _bin_gradient_chunks(
     chunker = _ChunkIndexer(plan, qgrid.grid, min(_CHUNK, n), _COUNT_BATCH, scratch)
     inv, size, length = chunker.inv, chunker.size, chunker.length
     weight, B, low, high = chunker.weight, chunker.B, chunker.low, chunker.high
-    wide = scratch.get("wide", size * _COUNT_BATCH, torch.float64)
-    sums = torch.zeros(_LANES * length, dtype=torch.float64)
-    counts = torch.zeros(_LANES * length, dtype=torch.int64) if count else None
+    index = scratch.get("index64", size * _COUNT_BATCH, torch.int64)
+    pairs = _weight_pairs(scratch, size * _COUNT_BATCH)
+    accumulated = torch.zeros((_ROWS, _LANES * length), dtype=torch.complex128)
     u_low, u_high = scan.low * inv, scan.high * inv
     inside = chunker.safe_low <= u_low and u_high <= chunker.safe_high
     shared = quantizer is not None and quantizer.same_qparams(qgrid)
@@ -627,8 +644,9 @@ def _bin_gradient_chunks(
         unclamped = q_low <= scan.low * q_inv and scan.high * q_inv <= q_high
         error = scratch.get("error", size, plan.compute)
         partial = []
-    index_slots = [chunker.index[k * size : (k + 1) * size] for k in range(_COUNT_BATCH)]
-    wide_slots = [wide[k * size : (k + 1) * size] for k in range(_COUNT_BATCH)]
+    real = torch.view_as_real(pairs)[:, 0]
+    index_slots = [index[k * size : (k + 1) * size] for k in range(_COUNT_BATCH)]
+    weight_slots = [real[k * size : (k + 1) * size] for k in range(_COUNT_BATCH)]
     u, r, lanes = chunker.u, chunker.r, chunker.lanes
     e = error if quantizer is not None else None
     slot = filled = 0
@@ -637,10 +655,10 @@ def _bin_gradient_chunks(
         xc, gc = xf[start:stop], gf[start:stop]
         if xc.dtype != plan.compute:
             xc = xc.to(plan.compute)
-        index_slot, wide_slot = index_slots[slot], wide_slots[slot]
+        index_slot, weight_slot = index_slots[slot], weight_slots[slot]
         if stop - start != size:
             m = stop - start
-            u, r, lanes, index_slot, wide_slot = u[:m], r[:m], lanes[:m], index_slot[:m], wide_slot[:m]
+            u, r, lanes, index_slot, weight_slot = u[:m], r[:m], lanes[:m], index_slot[:m], weight_slot[:m]
             e = e[:m] if e is not None else None
         torch.mul(xc, inv, out=u)
         torch.round(u, out=r)
@@ -661,31 +679,41 @@ def _bin_gradient_chunks(
             u.clamp_(low, high)
         torch.add(lanes, u, alpha=B, out=u)
         index_slot.copy_(u)
-        wide_slot.copy_(gc)
+        weight_slot.copy_(gc)
         slot += 1
         filled += stop - start
         if slot == _COUNT_BATCH or stop == n:
-            index = chunker.index[:filled]
-            sums.add_(torch.bincount(index, weights=wide[:filled], minlength=_LANES * length))
-            if counts is not None:
-                counts.add_(torch.bincount(index, minlength=_LANES * length))
+            _scatter_rows(accumulated, index[:filled], pairs[:filled])
             slot = filled = 0
+    totals = accumulated.sum(0)
     score = None
     if quantizer is not None:
         # The error was in grid units; scale it back once.
         score = torch.stack(partial).double().sum() * float(quantizer.scale) ** 2
     counted = None
-    if counts is not None:
+    if count:
         zero_point = float(plan.zero_point)
         counted = BinCounts(
-            counts=_fold_lanes(counts, length),
+            counts=_fold_lanes(totals.imag.round().long(), length),
             lows=torch.tensor([scan.low, u_low + zero_point], dtype=torch.float64),
             highs=torch.tensor([scan.high, u_high + zero_point], dtype=torch.float64),
             inf_count=torch.zeros((), dtype=torch.int64),
             numel=n,
             fast=True,
         )
-    return GradientBins(_fold_lanes(sums, length), score, counted)
+    return GradientBins(_fold_lanes(totals.real.contiguous(), length), score, counted)
+
+
+def _scatter_rows(accumulated: torch.Tensor, index: torch.Tensor, pairs: torch.Tensor) -> None:
+    """Scatter-add ``pairs`` at ``index``: equal consecutive blocks go to the rows of
+    ``accumulated`` (counted in parallel, each by one thread, so the result is deterministic),
+    what does not divide evenly to row 0."""
+    rows = accumulated.shape[0]
+    even = index.numel() - index.numel() % rows
+    if even:
+        accumulated.scatter_add_(1, index[:even].view(rows, -1), pairs[:even].view(rows, -1))
+    if even < index.numel():
+        accumulated[0].scatter_add_(0, index[even:], pairs[even:])
 
 
 def bin_gradient(
