@@ -381,7 +381,8 @@ class _ChunkIndexer:
     For each chunk: u = x * (1/s), r = round(u) (the quantizer's own operations), then the
     index lane + B * clamp(r + w * (u - r)) + const in three in-place passes, the clamp skipped
     when the chunk lies well inside the histogram. Indices are int32 with the lane offset of
-    their sub-histogram added (see :func:`_fold_lanes`).
+    their sub-histogram added (see :func:`_fold_lanes`), in ``index`` (``batch`` chunks of them;
+    ``batch=0`` for callers that keep their own index buffer and use no :meth:`finish`).
     """
 
     def __init__(self, plan: _Plan, grid: GridBins, size: int, batch: int, scratch: _Scratch) -> None:
@@ -396,7 +397,7 @@ class _ChunkIndexer:
         )
         self.u = scratch.get("u", size, plan.compute)
         self.r = scratch.get("r", size, plan.compute)
-        self.index = scratch.get("index", size * batch, torch.int32)
+        self.index = scratch.get("index", size * batch, torch.int32) if batch else None
         # Chunks whose u lies in [safe_low, safe_high] need no clamp.
         self.safe_low, self.safe_high = self.low + 1.0, self.high - 1.0
 
@@ -628,7 +629,7 @@ def _bin_gradient_chunks(
     scratch: _Scratch,
 ) -> GradientBins:
     n = xf.numel()
-    chunker = _ChunkIndexer(plan, qgrid.grid, min(_CHUNK, n), _COUNT_BATCH, scratch)
+    chunker = _ChunkIndexer(plan, qgrid.grid, min(_CHUNK, n), 0, scratch)
     inv, size, length = chunker.inv, chunker.size, chunker.length
     weight, B, low, high = chunker.weight, chunker.B, chunker.low, chunker.high
     index = scratch.get("index64", size * _COUNT_BATCH, torch.int64)

@@ -204,8 +204,8 @@ def _settle(
     except MissingBaseline as exc:
         outcome.status = "missing"
         message = f"no baseline at {exc.path}; record it with: {session.update_command()}"
-        hint = missing_hint() if missing_hint is not None else ""
-        raise MissingBaseline(f"{message}\n{hint}" if hint else message, path=exc.path) from None
+        outcome.hint = missing_hint() if missing_hint is not None else ""
+        raise MissingBaseline(f"{message}\n{outcome.hint}" if outcome.hint else message, path=exc.path) from None
     table = tolerance_table(node, options, stored=stored.tolerance, extra=extra_rules)
     rows = check.compare(stored.payload, obtained, table, results_dir=results_dir)
     differences = stored.metadata.differences(metadata()) if stored.metadata is not None else []
