@@ -65,8 +65,7 @@ def terminal_summary(reporter: pytest.TerminalReporter, session: EQSession) -> N
             reporter.write_line(f"  ... and {len(failed) - MAX_FAILED_ROWS} more failing metrics (see the HTML report)")
         missing = [o for o in outcomes if o.status == "missing"]
         if missing:
-            command = missing[0].message.partition("record it with: ")[2].partition("\n")[0]
-            reporter.write_line(f"  {len(missing)} checks have no baseline yet; record them with: {command}")
+            reporter.write_line(f"  {len(missing)} checks have no baseline yet; record them with: {missing[0].command}")
             if missing[0].hint:
                 reporter.write_line(f"  {missing[0].hint}")
         errors = {o.message for o in outcomes if o.status == "error" and o.message}

@@ -35,6 +35,7 @@ class Outcome:
     rows: list[list[Any]] = field(default_factory=list)
     message: str = ""
     artifacts: list[str] = field(default_factory=list)
+    command: str = ""  # a missing baseline's: the command that records it
     hint: str = ""  # a missing baseline's pointer to the model's recorded recipes
 
     def to_dict(self) -> dict[str, Any]:

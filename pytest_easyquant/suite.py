@@ -203,7 +203,8 @@ def _settle(
         stored = read_payload(check, directory)
     except MissingBaseline as exc:
         outcome.status = "missing"
-        message = f"no baseline at {exc.path}; record it with: {session.update_command()}"
+        outcome.command = session.update_command()
+        message = f"no baseline at {exc.path}; record it with: {outcome.command}"
         outcome.hint = missing_hint() if missing_hint is not None else ""
         raise MissingBaseline(f"{message}\n{outcome.hint}" if outcome.hint else message, path=exc.path) from None
     table = tolerance_table(node, options, stored=stored.tolerance, extra=extra_rules)
