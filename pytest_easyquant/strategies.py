@@ -47,6 +47,7 @@ except ImportError as exc:  # pragma: no cover - exercised by a test that hides 
         "(or pip install 'pytest-easyquant[test]')"
     ) from exc
 
+from eqcore.quantizers import MAX_BITS, check_quant_range
 from eqcore.testing import CheckReport, FakeQuantFn, check_fake_quantize
 
 __all__ = [
@@ -60,9 +61,6 @@ __all__ = [
 ]
 
 TiesOption = Literal["exact", "near"] | bool
-
-MAX_BITS = 16
-"""eqcore's widest quantization range: 2**16 levels."""
 
 MIN_SCALE_EXPONENT = -23
 """Scales below float32 eps (2**-23) are clamped by torch's kernels and eqcore's reference."""
@@ -97,12 +95,11 @@ def _either(draw: Any, value: bool | None) -> bool:
 
 
 def _check_quant_range(quant_min: Any, quant_max: Any) -> tuple[int, int]:
-    _check_int("quant_min", quant_min)
-    _check_int("quant_max", quant_max)
-    if quant_min >= quant_max:
-        raise _invalid(f"quant_min ({quant_min}) must be less than quant_max ({quant_max})")
-    if quant_max - quant_min + 1 > 2**MAX_BITS:
-        raise _invalid(f"quant_min..quant_max ({quant_min}..{quant_max}) spans more than {MAX_BITS} bits")
+    """eqcore's own range check, raised as hypothesis's InvalidArgument."""
+    try:
+        check_quant_range(quant_min, quant_max)
+    except ValueError as exc:
+        raise _invalid(str(exc)) from None
     return quant_min, quant_max
 
 
