@@ -18,7 +18,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
@@ -262,11 +261,37 @@ def test_update_with_xdist_writes_a_complete_valid_set(project: pytest.Pytester)
     assert "unused baselines" not in text(again)
 
 
+READER = """
+import sys, time
+from pathlib import Path
+from pytest_easyquant.errors import BaselineError
+from pytest_easyquant.storage import read_json, read_npz, read_png
+directory, stop = Path(sys.argv[1]), Path(sys.argv[2])
+readers = {".json": read_json, ".npz": read_npz, ".png": read_png}
+files = [directory / name for name in sys.argv[3:]]
+reads = 0
+print("STARTED", flush=True)
+while not stop.exists():
+    for path in files:
+        try:
+            readers[path.suffix](path)
+            reads += 1
+        except (BaselineError, OSError) as exc:  # MissingBaseline included: no file may vanish
+            print("PROBLEM", path.name, exc, flush=True)
+        time.sleep(0.002)
+print("READS", reads, flush=True)
+"""
+
+
 def test_twenty_update_runs_never_leave_a_partial_file(project: pytest.Pytester) -> None:
-    """20 in-process update runs (the xdist test above covers concurrent writers), while a thread
-    reads every baseline file over and over: no reader ever sees a partial or corrupt file, no
-    temp file is left, and every run writes the same bytes. One plot of eight is kept (rendering
-    dominates a tiny run), so JSON, NPZ and PNG files are all rewritten 20 times in ~10 s."""
+    """20 in-process update runs (the xdist test above covers concurrent writers), while another
+    process reads every baseline file over and over: no reader ever sees a partial or corrupt
+    file, no temp file is left, and every run writes the same bytes. One plot of eight is kept
+    (rendering dominates a tiny run), so JSON, NPZ and PNG files are all rewritten 20 times in
+    ~10 s. The reader is a process, not a thread: np.load parses .npy headers with the ast
+    module, which CPython 3.11 does not make safe against pytest's assertion rewriting parsing
+    modules in another thread of the same interpreter (SystemError: AST constructor recursion
+    depth mismatch)."""
     # no:unraisableexception: its gc.collect() at the end of each session takes half the time.
     args = (*TINY, "-p", "no:cacheprovider", "-p", "no:unraisableexception", "--eq-update-baselines",
             "-k", "not plot or activation_post_process_0")
@@ -276,33 +301,25 @@ def test_twenty_update_runs_never_leave_a_partial_file(project: pytest.Pytester)
     reference = baseline_files(directory)
     assert {p.suffix for p in reference} == {".json", ".npz", ".png"} and len(reference) == 29
 
-    problems: list[str] = []
-    reads = 0
-    stop = threading.Event()
-
-    def reader() -> None:
-        nonlocal reads
-        while not stop.is_set():
-            for relative in reference:
-                try:
-                    read_back(directory / relative)
-                    reads += 1
-                except (BaselineError, OSError) as exc:  # MissingBaseline included: no file may vanish
-                    problems.append(str(exc))
-                time.sleep(0.002)  # leave the GIL to the runs
-
-    thread = threading.Thread(target=reader, daemon=True)
-    thread.start()
+    stop = project.path / "stop-reading"
+    reader = subprocess.Popen(
+        [sys.executable, "-c", READER, str(directory), str(stop), *(str(p) for p in reference)],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )
     try:
+        assert reader.stdout is not None and reader.stdout.readline().strip() == "STARTED"
         for _ in range(19):
             result = run(project, *args)
             assert result.ret == 0, text(result)
             assert not temp_files(directory)
             assert baseline_files(directory) == reference
     finally:
-        stop.set()
-        thread.join()
-    assert not problems, problems[:5]
+        stop.touch()
+        output, _ = reader.communicate(timeout=120)
+    lines = output.splitlines()
+    problems = [line for line in lines if not line.startswith("READS")]
+    assert reader.returncode == 0 and not problems, problems[:5]
+    reads = int(lines[-1].split()[1])
     assert reads > len(reference)
 
 
