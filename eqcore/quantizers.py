@@ -15,8 +15,12 @@ activation cannot silently steer the learned qparams; empty inputs give dS = dZ 
 1-D per-channel inputs work; float16/bfloat16 inputs are computed in float32 and float64 inputs
 in float64 (torch rounds the float64 product scale*q to float32; we do not).
 
-Forward and backward are built from vectorised elementwise ops and BLAS-style reductions with
-no host synchronisation, so they run at memory bandwidth on CPU and never stall a CUDA stream.
+Forward and backward are built from vectorised elementwise ops and reductions, a cache-sized
+chunk at a time. On a GPU they never read a value back to the host, so they never stall the
+stream. On the CPU, where tensors are host memory and reading one is a plain load, they read a
+uniform zero point (scalar grid bounds save passes) and each chunk's grid range in the
+backward: a chunk with every value inside the grid gets dX = dY with no masks, masks are built
+only for the sides that have values, and only chunks holding NaN or inf take the general path.
 """
 
 from __future__ import annotations
@@ -87,23 +91,43 @@ def _qparams(
 
 
 CHUNK = 1 << 18
-"""Elements per chunk: the working set of a chunk's passes stays in the CPU's L2 cache."""
+"""Elements per chunk: the working set of a chunk's passes stays in the CPU's caches."""
 
 _hardtanh_backward = torch.ops.aten.hardtanh_backward
 _buffers = threading.local()
 
 
-def _chunk_buffers(dtype: torch.dtype, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """Two CHUNK-sized work buffers, kept per thread (1 MiB each in float32)."""
+def _reads_host(t: torch.Tensor) -> bool:
+    """Whether the kernels may read values of ``t`` on the host: only when it is in host memory.
+
+    On the CPU, reading a tensor's value is a memory load, not a synchronisation, so the kernels
+    use a uniform zero point as a Python number (scalar grid bounds save passes) and look at each
+    chunk's grid range (to skip the work its content does not need). On any other device they
+    never read a value back, so forward and backward never stall the device's stream.
+    """
+    return t.device.type == "cpu"
+
+
+def _host_zero_point(z: torch.Tensor) -> float | None:
+    """The rounded zero point as a Python number, when the host may read it and all channels share it."""
+    if not _reads_host(z) or z.numel() == 0:
+        return None
+    low, high = torch.aminmax(z.reshape(-1))
+    low, high = low.item(), high.item()
+    return low if low == high and math.isfinite(low) else None
+
+
+def _chunk_buffers(dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """Room for three CHUNK-sized work rows, kept per thread on the CPU (1 MiB a row in float32)."""
     if device.type != "cpu":
-        return torch.empty(CHUNK, dtype=dtype, device=device), torch.empty(CHUNK, dtype=dtype, device=device)
+        return torch.empty(3 * CHUNK, dtype=dtype, device=device)
     cache = getattr(_buffers, "cache", None)
     if cache is None:
         cache = _buffers.cache = {}
-    pair = cache.get(dtype)
-    if pair is None:
-        pair = cache[dtype] = (torch.empty(CHUNK, dtype=dtype), torch.empty(CHUNK, dtype=dtype))
-    return pair
+    work = cache.get(dtype)
+    if work is None or work.numel() != 3 * CHUNK:
+        work = cache[dtype] = torch.empty(3 * CHUNK, dtype=dtype)
+    return work
 
 
 def _chunks(pre: int, channels: int, post: int) -> list[tuple[slice, slice, slice]]:
@@ -136,11 +160,15 @@ def _as_3d(t: torch.Tensor, axis: int | None) -> torch.Tensor:
     return t.reshape(pre, t.shape[axis], math.prod(t.shape[axis + 1 :]))
 
 
-def _fake_quantize_values(x: torch.Tensor, s: torch.Tensor, z: torch.Tensor, qmin: int, qmax: int, axis: int | None) -> torch.Tensor:
+def _fake_quantize_values(
+    x: torch.Tensor, s: torch.Tensor, z: torch.Tensor, qmin: int, qmax: int, axis: int | None, z_host: float | None
+) -> torch.Tensor:
     """y = (clamp(round(x * (1/s)) + z, qmin, qmax) - z) * s, a cache-sized chunk at a time.
 
     The same float operations as torch's kernels, so outputs are bit-identical to
     torch.fake_quantize_per_{tensor,channel}_affine (adding z also turns round's -0.0 into +0.0).
+    With the zero point known on the host, clamping round(u) to [qmin - z, qmax - z] gives the same
+    integers in two fewer passes; adding 0.0 then does the -0.0 to +0.0 that adding z did.
     """
     dtype = s.dtype
     x3 = _as_3d(x.detach(), axis)
@@ -150,13 +178,144 @@ def _fake_quantize_values(x: torch.Tensor, s: torch.Tensor, z: torch.Tensor, qmi
     per_tensor = axis is None
     for rows, cols, cells in _chunks(*x3.shape):
         out = y3[rows, cols, cells]
-        if per_tensor:
-            torch.mul(x3[rows, cols, cells], inv, out=out).round_().add_(z3).clamp_(qmin, qmax).sub_(z3).mul_(s3)
-        else:
-            zc = z3[:, cols]
-            torch.mul(x3[rows, cols, cells], inv[:, cols], out=out).round_().add_(zc).clamp_(qmin, qmax)
-            out.sub_(zc).mul_(s3[:, cols])
+        inv_c, s_c = (inv, s3) if per_tensor else (inv[:, cols], s3[:, cols])
+        torch.mul(x3[rows, cols, cells], inv_c, out=out).round_()
+        if z_host is not None:
+            out.clamp_(qmin - z_host, qmax - z_host).add_(0.0).mul_(s_c)
+            continue
+        z_c = z3 if per_tensor else z3[:, cols]
+        out.add_(z_c).clamp_(qmin, qmax).sub_(z_c).mul_(s_c)
     return y3.reshape(x.shape).to(x.dtype)
+
+
+class _Chunk:
+    """One chunk's views for the backward: x, dY, dX and three work rows shaped like them.
+
+    Row 0 holds the grid position (then dY below the grid), row 1 the residual u - round(u)
+    (then its product with dX), row 2 dY above the grid: the rows a chunk needs are contiguous,
+    so one reduction sums them all.
+    """
+
+    __slots__ = ("dx", "dy", "rows", "x")
+
+    def __init__(self, x: torch.Tensor, dy: torch.Tensor, dx: torch.Tensor, work: torch.Tensor) -> None:
+        self.x, self.dy, self.dx = x, dy, dx
+        self.rows = work[: 3 * x.numel()].view(3, *x.shape)  # contiguous, so the rows reduce as one
+
+    @property
+    def position(self) -> torch.Tensor:
+        return self.rows[0]
+
+    @property
+    def residual(self) -> torch.Tensor:
+        return self.rows[1]
+
+
+def _grid_sums(chunk: _Chunk, lo: float, hi: float, below: bool, above: bool, dy_inside: torch.Tensor, sums: _Sums) -> None:
+    """Add the chunk's (below, rounding, above) sums to ``sums``.
+
+    rounding sums ``dy_inside`` * (u - round(u)); below and above sum dY where the grid position
+    is below lo or above hi, and take no pass where ``below``/``above`` say the chunk has none.
+    Per tensor the rounding sum is a dot product; per channel one reduction sums the needed rows.
+    """
+    rows, dy = chunk.rows, chunk.dy
+    if above:
+        _hardtanh_backward.grad_input(dy, rows[0], hi, math.inf, grad_input=rows[2])
+    if below:  # overwrites the position, which nothing needs after this
+        _hardtanh_backward.grad_input(dy, rows[0], -math.inf, lo, grad_input=rows[0])
+    first, last = (0 if below else 1), (3 if above else 2)
+    if not sums.per_channel:
+        part = sums.next_part()
+        torch.dot(dy_inside.reshape(-1), rows[1].reshape(-1), out=part[1])
+        for index in (0, 2):
+            if first <= index < last:
+                torch.sum(rows[index].reshape(-1), 0, out=part[index])
+            else:
+                part[index] = 0.0
+        return
+    rows[1].mul_(dy_inside)
+    sums.pending.append((first, last, sums.cols, rows[first:last].sum((1, 3))))
+
+
+class _Sums:
+    """Where the chunks' sums go: per tensor, one float32 row per chunk; per channel, each chunk's
+    rows for its channels. ``result`` adds them up in float64."""
+
+    def __init__(self, chunks: int, channels: int | None, dtype: torch.dtype, device: torch.device) -> None:
+        self.cols: slice | None = None  # the channels of the current chunk, per channel
+        self.index = 0
+        self.per_channel = channels is not None
+        if channels is None:
+            self.parts = torch.empty((chunks, 3), dtype=dtype, device=device)
+        else:
+            self.channels, self.device = channels, device
+            self.pending: list[tuple[int, int, slice, torch.Tensor]] = []
+
+    def next_part(self) -> torch.Tensor:
+        self.index += 1
+        return self.parts[self.index - 1]
+
+    def result(self) -> torch.Tensor:
+        if not self.per_channel:
+            return self.parts.double().sum(0).reshape(3, 1)
+        total = torch.zeros((3, self.channels), dtype=torch.float64, device=self.device)
+        for first, last, cols, part in self.pending:
+            total[first:last, cols] += part
+        return total
+
+
+def _chunk_by_range(
+    chunk: _Chunk, inv: torch.Tensor, z: torch.Tensor, z_host: float | None, qmin: int, qmax: int, sums: _Sums | None
+) -> bool:
+    """The backward of one chunk, steered by its grid range read on the host (CPU only).
+
+    u = x * (1/s) and round(u) as the forward computes them; the minimum and maximum grid
+    position tell whether any element lies below or above the grid. Where none does, dX is dY
+    and the rounding sum is dot(dY, u - round(u)); otherwise masks are built for the sides that
+    have elements only. A chunk holding NaN or inf returns False, for the exact general path.
+    ``sums`` receives the sums (None: dX only).
+    """
+    position, residual = chunk.position, chunk.residual
+    torch.mul(chunk.x, inv, out=residual)
+    torch.round(residual, out=position)
+    if sums is not None:
+        residual.sub_(position)  # u - round(u); NaN where an inf made it, caught below
+    if z_host is None:
+        position.add_(z)
+        lo, hi = qmin - 0.5, qmax + 0.5
+    else:
+        lo, hi = qmin - z_host - 0.5, qmax - z_host + 0.5
+    low, high = (v.item() for v in torch.aminmax(position))
+    if not (math.isfinite(low) and math.isfinite(high)):
+        return False
+    below, above = low < lo, high > hi
+    if below or above:
+        _hardtanh_backward.grad_input(chunk.dy, position, lo, hi, grad_input=chunk.dx)
+    else:
+        chunk.dx.copy_(chunk.dy)
+    if sums is not None:
+        # All inside, dX is dY: the rounding sum reads dY and leaves dX to the copy.
+        _grid_sums(chunk, lo, hi, below, above, chunk.dx if below or above else chunk.dy, sums)
+    return True
+
+
+def _chunk_exact(chunk: _Chunk, inv: torch.Tensor, z: torch.Tensor, qmin: int, qmax: int, sums: _Sums | None) -> None:
+    """The backward of one chunk on any device and any content, with no value read on the host.
+
+    +-inf become values just beyond any grid; a NaN keeps a NaN residual, which carries it into
+    dS and dZ, and is placed below the grid, so dX leaves it out.
+    """
+    span = float(qmax - qmin + 1)
+    position, residual = chunk.position, chunk.residual
+    torch.mul(chunk.x, inv, out=residual).clamp_(-span, span)
+    torch.round(residual, out=position)
+    residual.sub_(position)
+    position.nan_to_num_(nan=-span).add_(z)
+    lo, hi = qmin - 0.5, qmax + 0.5
+    _hardtanh_backward.grad_input(chunk.dy, position, lo, hi, grad_input=chunk.dx)
+    if sums is not None:
+        # dX * residual, not a masked residual: 0 * NaN keeps a NaN input's NaN in the sum.
+        _grid_sums(chunk, lo, hi, True, True, chunk.dx, sums)
 
 
 def _backward(
@@ -169,59 +328,34 @@ def _backward(
     axis: int | None,
     *,
     need_params: bool,
+    z_host: float | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """dX, and the per-channel sums (rounding, below, above) that dS and dZ are made of.
+    """dX, and the per-channel sums (below, rounding, above) that dS and dZ are made of.
 
     Recomputes the grid position of x (only x is kept between forward and backward, as torch's
     kernels do): u = x * (1/s), q = round(u) + z. rounding sums dY * (u - round(u)) inside the
-    grid, below and above sum dY below and above it. +-inf become values just beyond any grid;
-    a NaN keeps a NaN residual, which carries it into dS and dZ, and is placed below the grid,
-    so dX leaves it out. The work runs a cache-sized chunk at a time in two small reused
-    buffers, so the passes stay in cache and no large temporary is allocated: dX is the one
-    new tensor.
+    grid, below and above sum dY below and above it. The work runs a cache-sized chunk at a time
+    in small reused buffers, so the passes stay in cache and no large temporary is allocated:
+    dX is the one new tensor.
     """
-    span = float(qmax - qmin + 1)
-    lo, hi = qmin - 0.5, qmax + 0.5
     dtype = s.dtype
     x3, dy3 = _as_3d(x, axis), _as_3d(grad_y, axis)
     grad_x = torch.empty(x3.shape, dtype=dtype, device=x.device)
     inv = torch.reciprocal(s).reshape(1, -1, 1)
     z3 = z.reshape(1, -1, 1)
-    u_buffer, q_buffer = _chunk_buffers(dtype, x.device)
+    work = _chunk_buffers(dtype, x.device)
     chunks = _chunks(*x3.shape)
     per_tensor = axis is None
-    parts = torch.empty((len(chunks), 3), dtype=dtype, device=x.device) if need_params and per_tensor else None
-    partial: list[tuple[slice, torch.Tensor]] = []
-    for index, (rows, cols, cells) in enumerate(chunks):
-        xs, dys, out = x3[rows, cols, cells], dy3[rows, cols, cells], grad_x[rows, cols, cells]
-        residual = u_buffer[: xs.numel()].view(xs.shape)
-        q = q_buffer[: xs.numel()].view(xs.shape)
-        torch.mul(xs, inv if per_tensor else inv[:, cols], out=residual).clamp_(-span, span)
-        torch.round(residual, out=q)
-        residual.sub_(q)
-        q.nan_to_num_(nan=-span).add_(z3 if per_tensor else z3[:, cols])
-        _hardtanh_backward.grad_input(dys, q, lo, hi, grad_input=out)
-        if not need_params:
-            continue
-        # dX * residual, not a masked residual: 0 * NaN keeps a NaN input's NaN in the sum.
-        if per_tensor:
-            part = parts[index]
-            torch.dot(out.reshape(-1), residual.reshape(-1), out=part[0])
-            torch.sum(_hardtanh_backward.grad_input(dys, q, -math.inf, lo, grad_input=residual).view(-1), 0, out=part[1])
-            torch.sum(_hardtanh_backward.grad_input(dys, q, hi, math.inf, grad_input=residual).view(-1), 0, out=part[2])
-            continue
-        rounding = residual.mul_(out).sum((0, 2))
-        below = _hardtanh_backward.grad_input(dys, q, -math.inf, lo, grad_input=residual).sum((0, 2))
-        above = _hardtanh_backward.grad_input(dys, q, hi, math.inf, grad_input=residual).sum((0, 2))
-        partial.append((cols, torch.stack([rounding, below, above])))
-    sums = None
-    if parts is not None:
-        sums = parts.double().sum(0).reshape(3, 1)
-    elif need_params:
-        sums = torch.zeros((3, x3.shape[1]), dtype=torch.float64, device=x.device)
-        for cols, part in partial:
-            sums[:, cols] += part
-    return grad_x.reshape(x.shape), sums
+    by_range = _reads_host(x)
+    sums = _Sums(len(chunks), None if per_tensor else x3.shape[1], dtype, x.device) if need_params else None
+    for rows, cols, cells in chunks:
+        chunk = _Chunk(x3[rows, cols, cells], dy3[rows, cols, cells], grad_x[rows, cols, cells], work)
+        inv_c, z_c = (inv, z3) if per_tensor else (inv[:, cols], z3[:, cols])
+        if sums is not None and not per_tensor:
+            sums.cols = cols
+        if not (by_range and _chunk_by_range(chunk, inv_c, z_c, z_host, qmin, qmax, sums)):
+            _chunk_exact(chunk, inv_c, z_c, qmin, qmax, sums)
+    return grad_x.reshape(x.shape), sums.result() if sums is not None else None
 
 
 class _LearnableFakeQuantizeFn(torch.autograd.Function):
@@ -241,8 +375,9 @@ class _LearnableFakeQuantizeFn(torch.autograd.Function):
         ctx.qrange = (quant_min, quant_max)
         ctx.axis = axis
         ctx.grad_factor = grad_factor
+        ctx.z_host = _host_zero_point(z)
         ctx.param_meta = ((scale.shape, scale.dtype), (zero_point.shape, zero_point.dtype))
-        return _fake_quantize_values(x, s, z, quant_min, quant_max, axis)
+        return _fake_quantize_values(x, s, z, quant_min, quant_max, axis, ctx.z_host)
 
     @staticmethod
     def backward(ctx: Any, grad_y: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
@@ -251,12 +386,12 @@ class _LearnableFakeQuantizeFn(torch.autograd.Function):
         axis, g = ctx.axis, ctx.grad_factor
         need_x, need_s, need_z = ctx.needs_input_grad[:3]
         grad_inside, sums = _backward(
-            x.detach(), grad_y.to(s.dtype), s, z, qmin, qmax, axis, need_params=need_s or need_z
+            x.detach(), grad_y.to(s.dtype), s, z, qmin, qmax, axis, need_params=need_s or need_z, z_host=ctx.z_host
         )
         grad_scale = grad_zero_point = None
         if sums is not None:
             # dS sums round(u) - u inside, qmin - z below and qmax - z above the grid.
-            rounding, below, above = sums
+            below, rounding, above = sums
             zp = z.reshape(-1).double()
             if need_s:
                 shape, dtype = ctx.param_meta[0]
@@ -280,13 +415,16 @@ class _FakeQuantizeFn(torch.autograd.Function):
         ctx.save_for_backward(x, s, z)
         ctx.qrange = (quant_min, quant_max)
         ctx.axis = axis
-        return _fake_quantize_values(x, s, z, quant_min, quant_max, axis)
+        ctx.z_host = _host_zero_point(z)
+        return _fake_quantize_values(x, s, z, quant_min, quant_max, axis, ctx.z_host)
 
     @staticmethod
     def backward(ctx: Any, grad_y: torch.Tensor):  # noqa: ANN205
         x, s, z = ctx.saved_tensors
         qmin, qmax = ctx.qrange
-        grad_x, _ = _backward(x.detach(), grad_y.to(s.dtype), s, z, qmin, qmax, ctx.axis, need_params=False)
+        grad_x, _ = _backward(
+            x.detach(), grad_y.to(s.dtype), s, z, qmin, qmax, ctx.axis, need_params=False, z_host=ctx.z_host
+        )
         return grad_x.to(grad_y.dtype), None, None, None, None, None
 
 

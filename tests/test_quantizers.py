@@ -7,13 +7,16 @@ computes itself from u = x * (1/s), the grid coordinate the module docstring def
 
 from __future__ import annotations
 
+import contextlib
 import math
+from collections.abc import Iterator
 
 import pytest
 import torch
 from hypothesis import assume, example, given, settings
 from hypothesis import strategies as st
 
+import eqcore.quantizers as quantizers
 from eqcore.quantizers import (
     EQFakeQuantize,
     EQLearnableFakeQuantize,
@@ -40,6 +43,22 @@ def assert_bits_equal(a: torch.Tensor, b: torch.Tensor, what: str = "") -> None:
     assert a.dtype == b.dtype and a.shape == b.shape, (what, a.dtype, b.dtype, a.shape, b.shape)
     differ = bits(a) != bits(b)
     assert not bool(differ.any()), f"{what}: {int(differ.sum())} elements differ, e.g. {a[differ][:4].tolist()} vs {b[differ][:4].tolist()}"
+
+
+@contextlib.contextmanager
+def kernel_path(path: str, chunk: int | None = None) -> Iterator[None]:
+    """Run the kernels as on the CPU ("host": they read the zero point and each chunk's grid range
+    on the host) or as on any other device ("device": they read nothing back). ``chunk`` shrinks
+    the chunk size so that one small tensor spans several chunks."""
+    saved = quantizers._reads_host, quantizers.CHUNK
+    if path == "device":
+        quantizers._reads_host = lambda t: False
+    if chunk is not None:
+        quantizers.CHUNK = chunk
+    try:
+        yield
+    finally:
+        quantizers._reads_host, quantizers.CHUNK = saved
 
 
 def ours(x, scale, zero_point, quant_min, quant_max, ch_axis, grad_factor):  # noqa: ANN001, ANN201
@@ -105,8 +124,14 @@ def checker_agrees_on_grid_coordinate(case: FQCase) -> bool:
     return torch.equal(torch.round(case.x / s), torch.round(case.x * torch.reciprocal(s)))
 
 
+@pytest.mark.parametrize("path", ["host", "device"])
 @given(case=fq_cases(), grad_factor=st.sampled_from([1.0, 0.5, 0.013, None]))
-def test_learnable_matches_reference_checker(case: FQCase, grad_factor: float | None) -> None:
+def test_learnable_matches_reference_checker(path: str, case: FQCase, grad_factor: float | None) -> None:
+    with kernel_path(path):
+        learnable_matches_reference_checker(case, grad_factor)
+
+
+def learnable_matches_reference_checker(case: FQCase, grad_factor: float | None) -> None:
     if grad_factor is None:
         grad_factor = grad_scaling_factor(case.x.numel(), case.quant_max)
     # A float64 model has float64 qparams; the checker's float64 tolerances assume it (see below).
@@ -146,10 +171,16 @@ def test_checker_accepts_float64_input_with_float32_qparams() -> None:
     check_fake_quantize(ours, x, scale, zero_point, 0, 3, grad_factor=0.013)
 
 
+@pytest.mark.parametrize("path", ["host", "device"])
 @settings(max_examples=75)
 @given(case=fq_cases(per_channel=False, integer_zero_point=True) | fq_cases(per_channel=True, integer_zero_point=True))
-def test_fake_quantize_forward_and_mask_match_reference(case: FQCase) -> None:
+def test_fake_quantize_forward_and_mask_match_reference(path: str, case: FQCase) -> None:
     """The non-learnable function: forward equals the learnable one bit for bit, dX is the mask."""
+    with kernel_path(path):
+        fake_quantize_forward_and_mask_match_reference(case)
+
+
+def fake_quantize_forward_and_mask_match_reference(case: FQCase) -> None:
     x = case.x.clone().requires_grad_(True)
     y = fake_quantize(x, case.scale, case.zero_point, case.quant_min, case.quant_max, ch_axis=case.ch_axis)
     dy = grad_y_for(case.x)
@@ -421,6 +452,56 @@ def test_power_of_two_scale_homogeneity(case: FQCase, k: int) -> None:
     assert_bits_equal(b.grad_x, a.grad_x, "dX")
     assert_bits_equal(b.grad_scale, a.grad_scale, "dS")
     assert_bits_equal(b.grad_zero_point, a.grad_zero_point * 2.0**k, "dZ")
+
+
+def chunk_contents(per_channel: bool, dtype: torch.dtype) -> torch.Tensor:
+    """A (4, 6, 16) input on the grid [-4, 3] (s = 1, z = 0) whose 64-element chunks (per tensor)
+    hold in turn: a value below the grid, values above it (one a tie at qmax + 1/2), both, a NaN,
+    +-inf, and only grid values (one a tie at qmin - 1/2 that rounds inside)."""
+    torch.manual_seed(7)
+    x = (torch.rand(4, 6, 16, dtype=torch.float64) * 6 - 3).to(dtype)
+    x[0, 1, 3] = -9.0
+    x[0, 4, 5], x[1, 1, 7] = 7.0, 3.5
+    x[1, 2, 0], x[1, 5, 9] = -6.0, 11.0
+    x[2, 0, 2] = math.nan
+    x[2, 4, 4], x[3, 1, 5] = math.inf, -math.inf
+    x[3, 3, 8] = -4.5
+    if per_channel:
+        x[:, 2] = x[:, 2] * 0.25  # a channel with every value inside
+    return x
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+@pytest.mark.parametrize(("ch_axis", "zero_point"), [(None, [0.0]), (1, [0.0] * 6), (1, [0.0, 1, -1, 2, 0, 0]), (0, [0.0, 0, 0, 1])])
+@pytest.mark.parametrize("learnable", [True, False])
+def test_host_and_device_kernels_agree_bit_for_bit_across_chunks(dtype, ch_axis, zero_point, learnable) -> None:  # noqa: ANN001
+    """The CPU kernels steer each chunk by its grid range (all inside: dX = dY; masks only for the
+    sides that have values; NaN or inf: the exact path). Every branch, chunk by chunk in one
+    tensor, gives the bits of the device kernels, which read nothing back."""
+    x = chunk_contents(ch_axis is not None, dtype)
+    scale = torch.ones(len(zero_point), dtype=torch.float32) * (0.5 if ch_axis == 0 else 1.0)
+    zp = torch.tensor(zero_point)
+    dy = grad_y_for(x)
+    results = []
+    for path in ("host", "device"):
+        with kernel_path(path, chunk=64):
+            xg, sg, zg = x.clone().requires_grad_(True), scale.clone().requires_grad_(learnable), zp.clone().requires_grad_(learnable)
+            if learnable:
+                y = learnable_fake_quantize(xg, sg, zg, -4, 3, ch_axis=ch_axis, grad_factor=0.5)
+                grads = torch.autograd.grad(y, (xg, sg, zg), dy)
+            else:
+                y = fake_quantize(xg, sg, zg, -4, 3, ch_axis=ch_axis)
+                grads = torch.autograd.grad(y, (xg,), dy)
+            results.append((y.detach(), *grads))
+    host, device = results
+    for name, a, b in zip(("y", "dX", "dS", "dZ"), host, device):
+        assert_bits_equal(a, b, name)
+    dx = host[1]
+    assert bool(torch.isnan(host[0]).any()) and bool((dx[x.isnan() | x.isinf()] == 0).all())
+    if learnable:  # the NaN reaches dS and dZ of its own channel only
+        assert bool(host[2].isnan().any()) and bool(host[3].isnan().any())
+        if ch_axis is not None:
+            assert not bool(host[2].isnan().all())
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
