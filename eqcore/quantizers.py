@@ -172,7 +172,8 @@ def _fake_quantize_values(
     """
     dtype = s.dtype
     x3 = _as_3d(x.detach(), axis)
-    y3 = torch.empty(x3.shape, dtype=dtype, device=x.device)
+    y = torch.empty(x.shape, dtype=dtype, device=x.device)
+    y3 = _as_3d(y, axis)  # a view for the chunks; y itself is returned, so it is not a view
     inv = torch.reciprocal(s).reshape(1, -1, 1)
     s3, z3 = s.reshape(1, -1, 1), z.reshape(1, -1, 1)
     per_tensor = axis is None
@@ -185,7 +186,7 @@ def _fake_quantize_values(
             continue
         z_c = z3 if per_tensor else z3[:, cols]
         out.add_(z_c).clamp_(qmin, qmax).sub_(z_c).mul_(s_c)
-    return y3.reshape(x.shape).to(x.dtype)
+    return y.to(x.dtype)
 
 
 class _Chunk:
@@ -340,7 +341,8 @@ def _backward(
     """
     dtype = s.dtype
     x3, dy3 = _as_3d(x, axis), _as_3d(grad_y, axis)
-    grad_x = torch.empty(x3.shape, dtype=dtype, device=x.device)
+    grad_x = torch.empty(x.shape, dtype=dtype, device=x.device)
+    gx3 = _as_3d(grad_x, axis)
     inv = torch.reciprocal(s).reshape(1, -1, 1)
     z3 = z.reshape(1, -1, 1)
     work = _chunk_buffers(dtype, x.device)
@@ -349,13 +351,13 @@ def _backward(
     by_range = _reads_host(x)
     sums = _Sums(len(chunks), None if per_tensor else x3.shape[1], dtype, x.device) if need_params else None
     for rows, cols, cells in chunks:
-        chunk = _Chunk(x3[rows, cols, cells], dy3[rows, cols, cells], grad_x[rows, cols, cells], work)
+        chunk = _Chunk(x3[rows, cols, cells], dy3[rows, cols, cells], gx3[rows, cols, cells], work)
         inv_c, z_c = (inv, z3) if per_tensor else (inv[:, cols], z3[:, cols])
         if sums is not None and not per_tensor:
             sums.cols = cols
         if not (by_range and _chunk_by_range(chunk, inv_c, z_c, z_host, qmin, qmax, sums)):
             _chunk_exact(chunk, inv_c, z_c, qmin, qmax, sums)
-    return grad_x.reshape(x.shape), sums.result() if sums is not None else None
+    return grad_x, sums.result() if sums is not None else None
 
 
 class _LearnableFakeQuantizeFn(torch.autograd.Function):

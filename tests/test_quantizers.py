@@ -504,6 +504,30 @@ def test_host_and_device_kernels_agree_bit_for_bit_across_chunks(dtype, ch_axis,
             assert not bool(host[2].isnan().all())
 
 
+@pytest.mark.parametrize("ch_axis", [None, 1])
+@pytest.mark.parametrize("learnable", [True, False])
+def test_output_is_not_a_view_so_in_place_ops_after_it_work(ch_axis, learnable) -> None:  # noqa: ANN001
+    """A model may apply an in-place op to a fake quantizer's output (ReLU(inplace=True) after an
+    activation quantizer). autograd forbids that on a view made inside a custom Function, so the
+    output must be a tensor of its own; gradients equal those of the out-of-place op."""
+    torch.manual_seed(3)
+    x0 = torch.randn(2, 3, 4, 5) * 3
+    scale = torch.tensor([0.05, 0.1, 0.2]) if ch_axis is not None else torch.tensor([0.1])
+    zero_point = torch.zeros_like(scale)
+    grads = []
+    for in_place in (True, False):
+        x = x0.clone().requires_grad_(True)
+        if learnable:
+            y = learnable_fake_quantize(x, scale, zero_point, -8, 7, ch_axis=ch_axis)
+        else:
+            y = fake_quantize(x, scale, zero_point, -8, 7, ch_axis=ch_axis)
+        assert y._base is None
+        out = y.relu_() if in_place else y.relu()
+        (out * torch.arange(out.numel(), dtype=out.dtype).reshape(out.shape)).sum().backward()
+        grads.append(x.grad)
+    assert_bits_equal(grads[0], grads[1], "dX after an in-place ReLU")
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize(
     ("shape", "ch_axis"), [((0,), None), ((0, 3), 1), ((3, 0), 0), ((2, 0, 4), -1), ((0,), 0)]
