@@ -17,6 +17,7 @@ _EXPORTS: dict[str, str] = {
     "EQFakeQuantize": "quantizers",
     "fake_quantize": "quantizers",
     "learnable_fake_quantize": "quantizers",
+    "release_buffers": "quantizers",
     # observers
     "PercentileObserver": "observers",
     "MSEObserver": "observers",

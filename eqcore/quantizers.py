@@ -32,6 +32,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from eqcore._pool import OUTPUT_POOL, release_buffers
 from eqcore._torch_ao import FakeQuantizeBase, tq
 
 EPS = torch.finfo(torch.float32).eps
@@ -172,7 +173,7 @@ def _fake_quantize_values(
     """
     dtype = s.dtype
     x3 = _as_3d(x.detach(), axis)
-    y = torch.empty(x.shape, dtype=dtype, device=x.device)
+    y = OUTPUT_POOL.empty(x.shape, dtype, x.device)
     y3 = _as_3d(y, axis)  # a view for the chunks; y itself is returned, so it is not a view
     inv = torch.reciprocal(s).reshape(1, -1, 1)
     s3, z3 = s.reshape(1, -1, 1), z.reshape(1, -1, 1)
@@ -341,7 +342,7 @@ def _backward(
     """
     dtype = s.dtype
     x3, dy3 = _as_3d(x, axis), _as_3d(grad_y, axis)
-    grad_x = torch.empty(x.shape, dtype=dtype, device=x.device)
+    grad_x = OUTPUT_POOL.empty(x.shape, dtype, x.device)
     gx3 = _as_3d(grad_x, axis)
     inv = torch.reciprocal(s).reshape(1, -1, 1)
     z3 = z.reshape(1, -1, 1)
