@@ -599,110 +599,178 @@ def _score_terms(
     return torch.dot(term.reshape(-1), term.reshape(-1))
 
 
-def _bin_gradient_chunked(
-    xf: torch.Tensor,
-    gf: torch.Tensor,
-    plan: _Plan,
+_SCATTER = _CHUNK * _COUNT_BATCH
+"""Elements per scatter-add of the gradient pass: fixed, so the float sums do not depend on the
+sizes the binner is fed in."""
+
+
+class GradientBinner:
+    """One call's per-tensor CPU gradient binning (finite x), fed chunk by chunk.
+
+    ``feed`` takes the next elements' grid coordinate u = x * (1/s) (overwritten) and r = round(u)
+    with their gradient, as the fake quantizer computes them: the standalone pass
+    (:func:`bin_gradient`) computes them from x, and eqcore's own quantizer hands over the ones its
+    backward computes anyway (see ``eqcore.quantizers``). Indices and weights are scatter-added
+    every ``_SCATTER`` elements and score terms summed per ``_CHUNK`` elements, so any feed size
+    dividing ``_SCATTER`` gives the same sums bit for bit. ``scan`` lets clamps that cannot bite be
+    skipped.
+    """
+
+    def __init__(
+        self,
+        n: int,
+        plan: _Plan,
+        qgrid: QuantGrid,
+        quantizer: QuantGrid | None,
+        scan: ValueScan,
+        count: bool,
+        scratch: _Scratch,
+        feed_size: int,
+        lease: _ScratchLease | None = None,
+    ) -> None:
+        grid = qgrid.grid
+        self.lease = lease
+        self.n, self.plan, self.scan, self.count = n, plan, scan, count
+        self.inv, _, const, self.low, self.high = plan.scalars()
+        self.weight, self.B, self.length = plan.weight, grid.bins_per_qbin, grid.n_bins + 1
+        size = min(_SCATTER, n)
+        self.index = scratch.get("index64", size, torch.int64)
+        self.pairs = _weight_pairs(scratch, size)
+        self.real = torch.view_as_real(self.pairs)[:, 0]
+        feed_size = min(feed_size, size)
+        self.lanes = torch.add(
+            _lane_offsets(feed_size, self.length, plan.compute), const, out=scratch.get("lanes", feed_size, plan.compute)
+        )
+        self.accumulated = torch.zeros((_ROWS, _LANES * self.length), dtype=torch.complex128)
+        self.u_low, self.u_high = scan.low * self.inv, scan.high * self.inv
+        self.inside = self.low + 1.0 <= self.u_low and self.u_high <= self.high - 1.0
+        self.filled = 0
+        self.quantizer = quantizer
+        if quantizer is not None:
+            self.shared = quantizer.same_qparams(qgrid)
+            q_plan = plan if self.shared else _Plan.build(torch.empty(0, dtype=plan.compute), quantizer)
+            self.q_inv, q_zero = float(q_plan.inv_scale), float(q_plan.zero_point)
+            self.q_low, self.q_high = quantizer.grid.quant_min - q_zero, quantizer.grid.quant_max - q_zero
+            self.unclamped = self.q_low <= scan.low * self.q_inv and scan.high * self.q_inv <= self.q_high
+            self.error = scratch.get("error", feed_size, plan.compute)
+            self.partial: list[torch.Tensor] = []
+
+    def feed(self, u: torch.Tensor, r: torch.Tensor, gc: torch.Tensor, xc: torch.Tensor) -> None:
+        """Bin the next ``u.numel()`` elements: flat u (overwritten), r, gradient and x."""
+        m = u.numel()
+        if self.quantizer is not None:
+            # (quantized - x) / s in grid units: clamp(round(u)) - u.
+            e = self.error[:m]
+            if not self.shared:
+                torch.mul(xc, self.q_inv, out=e)
+                e.sub_(torch.round(e).clamp_(self.q_low, self.q_high)).neg_()
+            elif self.unclamped:
+                torch.sub(r, u, out=e)
+            else:
+                torch.clamp(r, self.q_low, self.q_high, out=e)
+                e.sub_(u)
+            e.mul_(gc)
+            for start in range(0, m, _CHUNK):
+                part = e[start : start + _CHUNK]
+                self.partial.append(torch.dot(part, part))
+        torch.lerp(r, u, self.weight, out=u)
+        if not self.inside:
+            u.clamp_(self.low, self.high)
+        torch.add(self.lanes[:m], u, alpha=self.B, out=u)
+        self.index[self.filled : self.filled + m].copy_(u)
+        self.real[self.filled : self.filled + m].copy_(gc)
+        self.filled += m
+        if self.filled == self.index.numel():
+            self._flush()
+
+    def _flush(self) -> None:
+        if self.filled:
+            _scatter_rows(self.accumulated, self.index[: self.filled], self.pairs[: self.filled])
+            self.filled = 0
+
+    def close(self) -> None:
+        """Hand the scratch buffers back (done by :meth:`result`)."""
+        if self.lease is not None:
+            self.lease.__exit__()
+            self.lease = None
+
+    def result(self) -> GradientBins:
+        self._flush()
+        self.close()
+        totals = self.accumulated.sum(0)
+        score = None
+        if self.quantizer is not None:
+            # The error was in grid units; scale it back once.
+            score = torch.stack(self.partial).double().sum() * float(self.quantizer.scale) ** 2
+        counted = None
+        if self.count:
+            zero_point = float(self.plan.zero_point)
+            counted = BinCounts(
+                counts=_fold_lanes(totals.imag.round().long(), self.length),
+                lows=torch.tensor([self.scan.low, self.u_low + zero_point], dtype=torch.float64),
+                highs=torch.tensor([self.scan.high, self.u_high + zero_point], dtype=torch.float64),
+                inf_count=torch.zeros((), dtype=torch.int64),
+                numel=self.n,
+                fast=True,
+            )
+        return GradientBins(_fold_lanes(totals.real.contiguous(), self.length), score, counted)
+
+
+def gradient_binner(
+    x: torch.Tensor,
     qgrid: QuantGrid,
-    quantizer: QuantGrid | None,
-    scan: ValueScan,
-    count: bool,
-) -> GradientBins:
-    """Per-tensor CPU path for finite x: compute each chunk's indices once, bin the gradient
-    (and, with ``count``, count x) on them. ``scan`` lets clamps that cannot bite be skipped.
+    *,
+    quantizer: QuantGrid | None = None,
+    scan: ValueScan | None = None,
+    count: bool = False,
+    scratch: _Scratch | None = None,
+    feed_size: int = _CHUNK,
+) -> GradientBinner | None:
+    """A :class:`GradientBinner` for ``x``'s gradient, or None where the chunked path does not
+    apply (not on the CPU, per channel, non-finite or huge values, a feed size that is not a
+    multiple of ``_CHUNK`` dividing ``_SCATTER``): use :func:`bin_gradient` then. Without
+    ``scratch`` the binner leases the thread's buffers until :meth:`GradientBinner.result` or
+    :meth:`GradientBinner.close`.
+    """
+    x = x.detach()
+    per_tensor = qgrid.ch_axis is None and (quantizer is None or quantizer.ch_axis is None)
+    if not (x.numel() and x.device.type == "cpu" and per_tensor and feed_size % _CHUNK == 0 and _SCATTER % feed_size == 0):
+        return None
+    plan = _Plan.build(x, qgrid)
+    scan = scan if scan is not None else scan_values(x)
+    if not scan.fast_for(plan):
+        return None
+    lease = None
+    if scratch is None:
+        lease = _ScratchLease()
+        scratch = lease.__enter__()
+    try:
+        return GradientBinner(x.numel(), plan, qgrid, quantizer, scan, count, scratch, feed_size, lease)
+    except BaseException:
+        if lease is not None:
+            lease.__exit__()
+        raise
+
+
+def _bin_gradient_chunked(binner: GradientBinner, xf: torch.Tensor, gf: torch.Tensor, scratch: _Scratch) -> GradientBins:
+    """The standalone gradient pass: u and r of each ``_CHUNK`` of x, fed to ``binner``.
 
     This is the hot loop of a sensitivity pass, so it works on reused buffers and keeps
     Python work per chunk to the op calls themselves.
     """
-    with _ScratchLease() as scratch:
-        return _bin_gradient_chunks(xf, gf, plan, qgrid, quantizer, scan, count, scratch)
-
-
-def _bin_gradient_chunks(
-    xf: torch.Tensor,
-    gf: torch.Tensor,
-    plan: _Plan,
-    qgrid: QuantGrid,
-    quantizer: QuantGrid | None,
-    scan: ValueScan,
-    count: bool,
-    scratch: _Scratch,
-) -> GradientBins:
     n = xf.numel()
-    chunker = _ChunkIndexer(plan, qgrid.grid, min(_CHUNK, n), 0, scratch)
-    inv, size, length = chunker.inv, chunker.size, chunker.length
-    weight, B, low, high = chunker.weight, chunker.B, chunker.low, chunker.high
-    index = scratch.get("index64", size * _COUNT_BATCH, torch.int64)
-    pairs = _weight_pairs(scratch, size * _COUNT_BATCH)
-    accumulated = torch.zeros((_ROWS, _LANES * length), dtype=torch.complex128)
-    u_low, u_high = scan.low * inv, scan.high * inv
-    inside = chunker.safe_low <= u_low and u_high <= chunker.safe_high
-    shared = quantizer is not None and quantizer.same_qparams(qgrid)
-    if quantizer is not None:
-        q_plan = plan if shared else _Plan.build(xf, quantizer)
-        q_inv, q_zero = float(q_plan.inv_scale), float(q_plan.zero_point)
-        q_low, q_high = quantizer.grid.quant_min - q_zero, quantizer.grid.quant_max - q_zero
-        unclamped = q_low <= scan.low * q_inv and scan.high * q_inv <= q_high
-        error = scratch.get("error", size, plan.compute)
-        partial = []
-    real = torch.view_as_real(pairs)[:, 0]
-    index_slots = [index[k * size : (k + 1) * size] for k in range(_COUNT_BATCH)]
-    weight_slots = [real[k * size : (k + 1) * size] for k in range(_COUNT_BATCH)]
-    u, r, lanes = chunker.u, chunker.r, chunker.lanes
-    e = error if quantizer is not None else None
-    slot = filled = 0
+    size = min(_CHUNK, n)
+    u_buffer, r_buffer = scratch.get("u", size, binner.plan.compute), scratch.get("r", size, binner.plan.compute)
     for start in range(0, n, size):
         stop = min(start + size, n)
         xc, gc = xf[start:stop], gf[start:stop]
-        if xc.dtype != plan.compute:
-            xc = xc.to(plan.compute)
-        index_slot, weight_slot = index_slots[slot], weight_slots[slot]
-        if stop - start != size:
-            m = stop - start
-            u, r, lanes, index_slot, weight_slot = u[:m], r[:m], lanes[:m], index_slot[:m], weight_slot[:m]
-            e = e[:m] if e is not None else None
-        torch.mul(xc, inv, out=u)
+        if xc.dtype != binner.plan.compute:
+            xc = xc.to(binner.plan.compute)
+        u, r = u_buffer[: stop - start], r_buffer[: stop - start]
+        torch.mul(xc, binner.inv, out=u)
         torch.round(u, out=r)
-        if e is not None:
-            # (quantized - x) / s in grid units: clamp(round(u)) - u.
-            if not shared:
-                torch.mul(xc, q_inv, out=e)
-                e.sub_(torch.round(e).clamp_(q_low, q_high)).neg_()
-            elif unclamped:
-                torch.sub(r, u, out=e)
-            else:
-                torch.clamp(r, q_low, q_high, out=e)
-                e.sub_(u)
-            e.mul_(gc)
-            partial.append(torch.dot(e, e))
-        torch.lerp(r, u, weight, out=u)
-        if not inside:
-            u.clamp_(low, high)
-        torch.add(lanes, u, alpha=B, out=u)
-        index_slot.copy_(u)
-        weight_slot.copy_(gc)
-        slot += 1
-        filled += stop - start
-        if slot == _COUNT_BATCH or stop == n:
-            _scatter_rows(accumulated, index[:filled], pairs[:filled])
-            slot = filled = 0
-    totals = accumulated.sum(0)
-    score = None
-    if quantizer is not None:
-        # The error was in grid units; scale it back once.
-        score = torch.stack(partial).double().sum() * float(quantizer.scale) ** 2
-    counted = None
-    if count:
-        zero_point = float(plan.zero_point)
-        counted = BinCounts(
-            counts=_fold_lanes(totals.imag.round().long(), length),
-            lows=torch.tensor([scan.low, u_low + zero_point], dtype=torch.float64),
-            highs=torch.tensor([scan.high, u_high + zero_point], dtype=torch.float64),
-            inf_count=torch.zeros((), dtype=torch.int64),
-            numel=n,
-            fast=True,
-        )
-    return GradientBins(_fold_lanes(totals.real.contiguous(), length), score, counted)
+        binner.feed(u, r, gc, xc)
+    return binner.result()
 
 
 def _scatter_rows(accumulated: torch.Tensor, index: torch.Tensor, pairs: torch.Tensor) -> None:
@@ -739,21 +807,12 @@ def bin_gradient(
             f"gradient of shape {tuple(grad.shape)} does not belong to a forward value of shape {tuple(x.shape)}"
         )
     grid = qgrid.grid
-    plan = _Plan.build(x, qgrid)
-    per_tensor = qgrid.ch_axis is None and (quantizer is None or quantizer.ch_axis is None)
-    if x.numel() and x.device.type == "cpu" and per_tensor:
-        scan = scan if scan is not None else scan_values(x)
-        if scan.fast_for(plan):
+    with _ScratchLease() as scratch:
+        binner = gradient_binner(x, qgrid, quantizer=quantizer, scan=scan, count=count, scratch=scratch)
+        if binner is not None:
             channels_last = is_channels_last(x)
-            return _bin_gradient_chunked(
-                flatten_as(x, channels_last),
-                flatten_as(grad, channels_last),
-                plan,
-                qgrid,
-                quantizer,
-                scan,
-                count,
-            )
+            return _bin_gradient_chunked(binner, flatten_as(x, channels_last), flatten_as(grad, channels_last), scratch)
+    plan = _Plan.build(x, qgrid)
     index, lows, highs = _index_robust(x, plan, grid)
     index = index.reshape(-1)
     sums = torch.bincount(index, weights=grad.reshape(-1).double(), minlength=grid.n_bins + 1)

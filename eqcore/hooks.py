@@ -11,6 +11,9 @@ them. x itself is what the quantizer saves for its own backward, so nothing per 
 kept beyond that. A module called several times per forward, any number of batches, and
 batches of different content all pair correctly. Counts of calls whose backward has not come
 yet are settled on any read, and those of graphs dropped without a backward on the next read.
+On eqcore's own quantizers (per tensor, on the CPU) the binning runs inside the quantizer's
+backward instead of a tensor hook, on the grid coordinates that backward computes anyway while
+x and dY are in cache: the same bins, bit for bit, at about a fifth less cost.
 
 Entries keep the seed's attribute names: forward ``data[name]`` is a :class:`TensorHistogram`
 (``hist``, ``bin_edges``), backward ``data[name]`` a :class:`GradientHistogram`
@@ -34,6 +37,8 @@ from torch.utils.hooks import RemovableHandle
 from eqcore._torch_ao import FakeQuantizeBase
 from eqcore.errors import EQError
 from eqcore.histogram import (
+    GradientBinner,
+    GradientBins,
     GradientHistogram,
     GridBins,
     HistogramStats,
@@ -42,9 +47,11 @@ from eqcore.histogram import (
     ValueScan,
     bin_gradient,
     bin_tensor,
+    gradient_binner,
     resampled_grid,
     scan_values,
 )
+from eqcore.quantizers import observe_backward
 
 __all__ = [
     "ActHistogram",
@@ -275,33 +282,122 @@ class _GradientSink:
         self.finalizer = weakref.finalize(self, _orphaned, pending)
 
     def __call__(self, grad: torch.Tensor) -> None:
-        pending, self.pending = self.pending, None
+        pending = self._claim()
         if pending is None:
             return
-        self.finalizer.detach()
         try:
-            if pending.x._version != pending.version:
-                raise RuntimeError("the quantizer's input was modified in place before the backward pass")
-            binned = bin_gradient(
+            self._check(pending)
+            self._record(pending, bin_gradient(
                 pending.x,
                 grad,
                 pending.histogram,
                 quantizer=pending.quantizer,
                 scan=pending.scan,
                 count=not pending.counted,
-            )
-            if binned.counts is not None:
-                pending.counted = True
-                pending.target.add(binned.counts, pending.histogram)
-            self.grads.add(binned, grad)
+            ), grad)
         except Exception as exc:  # a hook must never break the backward pass
-            _record_failure(self.store, self.name, exc)
-            try:
-                pending.settle()
-            except Exception as settle_exc:
-                _record_failure(self.store, self.name, settle_exc)
+            self._fail(pending, exc)
         finally:
             pending.release()
+
+    def _claim(self) -> _Pending | None:
+        pending, self.pending = self.pending, None
+        if pending is not None:
+            self.finalizer.detach()
+        return pending
+
+    @staticmethod
+    def _check(pending: _Pending) -> None:
+        if pending.x._version != pending.version:
+            raise RuntimeError("the quantizer's input was modified in place before the backward pass")
+
+    def _record(self, pending: _Pending, binned: GradientBins, grad: torch.Tensor) -> None:
+        if binned.counts is not None:
+            pending.counted = True
+            pending.target.add(binned.counts, pending.histogram)
+        self.grads.add(binned, grad)
+
+    def _fail(self, pending: _Pending, exc: BaseException) -> None:
+        _record_failure(self.store, self.name, exc)
+        try:
+            pending.settle()
+        except Exception as settle_exc:
+            _record_failure(self.store, self.name, settle_exc)
+
+
+class _FusedSink(_GradientSink):
+    """The SA binning of one call of an eqcore quantizer, done inside the quantizer's backward.
+
+    The backward hands over each chunk's u = x * (1/s) and round(u), which it computes anyway,
+    while the chunk and its dY are in cache (see ``eqcore.quantizers.observe_backward``): the
+    gradient pass then neither reads x and dY again nor recomputes their grid coordinates. The
+    bins are the same, bit for bit, as those of the tensor hook it replaces; where the backward
+    offers no chunks (or not the histogram's own grid), it bins dY as that hook would.
+    """
+
+    def __init__(self, name: str, store: ActHistogram, grads: GradientHistogram, pending: _Pending) -> None:
+        super().__init__(name, store, grads, pending)
+        self.active: tuple[_Pending, GradientBinner, torch.Tensor] | None = None
+
+    def begin(self, grad: torch.Tensor, inv: float | None, chunk_size: int) -> Callable[..., None] | None:
+        pending = self._claim()
+        if pending is None:
+            return None
+        binner = None
+        try:
+            self._check(pending)
+            if inv is not None:
+                binner = gradient_binner(
+                    pending.x, pending.histogram, quantizer=pending.quantizer, scan=pending.scan,
+                    count=not pending.counted, feed_size=chunk_size,
+                )
+            if binner is not None and binner.inv == inv:
+                self.active = (pending, binner, grad)
+                return self._feed
+        except Exception as exc:  # a hook must never break the backward pass
+            self._fail(pending, exc)
+            pending.release()
+            return None
+        finally:
+            if binner is not None and self.active is None:
+                binner.close()
+        self._standalone(pending, grad)  # the backward's grid is not the histogram's
+        return None
+
+    def _feed(self, u: torch.Tensor, r: torch.Tensor, dy: torch.Tensor, x: torch.Tensor) -> None:
+        if self.active is None:
+            return
+        try:
+            self.active[1].feed(u, r, dy, x)
+        except Exception as exc:
+            _record_failure(self.store, self.name, exc)
+            self.abort()
+
+    def end(self) -> None:
+        if self.active is None:
+            return
+        pending, binner, grad = self.active
+        self.active = None
+        try:
+            self._record(pending, binner.result(), grad)
+        except Exception as exc:
+            self._fail(pending, exc)
+        finally:
+            binner.close()
+            pending.release()
+
+    def abort(self) -> None:
+        """The backward stopped offering chunks: bin dY from x instead."""
+        if self.active is not None:
+            pending, binner, grad = self.active
+            self.active = None
+            binner.close()
+            self._standalone(pending, grad)
+
+    def _standalone(self, pending: _Pending, grad: torch.Tensor) -> None:
+        self.pending = pending
+        self.finalizer = weakref.finalize(self, _orphaned, pending)
+        self(grad)
 
 
 class _GradientPairing:
@@ -325,6 +421,10 @@ class _GradientPairing:
                 pending = _Pending(x, histogram, own if self.slot.score else None, None)
             if grads is None:
                 grads = self.store.data[self.name] = GradientHistogram(pending.histogram.grid)
+            sink = _FusedSink(self.name, self.store, grads, pending)
+            if output is not x and x.device.type == "cpu" and x.is_contiguous() and observe_backward(output, sink):
+                return None  # eqcore's quantizer bins dY in its own backward
+            sink.finalizer.detach()
             replaced = None
             if output is x:
                 # The quantizer passed its input through; hook a view so only this module's

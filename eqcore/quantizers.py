@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import math
 import threading
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -267,7 +268,14 @@ class _Sums:
 
 
 def _chunk_by_range(
-    chunk: _Chunk, inv: torch.Tensor, z: torch.Tensor, z_host: float | None, qmin: int, qmax: int, sums: _Sums | None
+    chunk: _Chunk,
+    inv: torch.Tensor,
+    z: torch.Tensor,
+    z_host: float | None,
+    qmin: int,
+    qmax: int,
+    sums: _Sums | None,
+    feed: Callable[..., None] | None = None,
 ) -> bool:
     """The backward of one chunk, steered by its grid range read on the host (CPU only).
 
@@ -275,11 +283,13 @@ def _chunk_by_range(
     position tell whether any element lies below or above the grid. Where none does, dX is dY
     and the rounding sum is dot(dY, u - round(u)); otherwise masks are built for the sides that
     have elements only. A chunk holding NaN or inf returns False, for the exact general path.
-    ``sums`` receives the sums (None: dX only).
+    ``sums`` receives the sums (None: dX only); ``feed`` gets u, round(u), dY and x first.
     """
     position, residual = chunk.position, chunk.residual
     torch.mul(chunk.x, inv, out=residual)
     torch.round(residual, out=position)
+    if feed is not None:
+        feed(residual.view(-1), position.view(-1), chunk.dy.reshape(-1), chunk.x.reshape(-1))
     if sums is not None:
         residual.sub_(position)  # u - round(u); NaN where an inf made it, caught below
     if z_host is None:
@@ -331,6 +341,7 @@ def _backward(
     *,
     need_params: bool,
     z_host: float | None = None,
+    observer: Any = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """dX, and the per-channel sums (below, rounding, above) that dS and dZ are made of.
 
@@ -351,14 +362,39 @@ def _backward(
     per_tensor = axis is None
     by_range = _reads_host(x)
     sums = _Sums(len(chunks), None if per_tensor else x3.shape[1], dtype, x.device) if need_params else None
+    feed = None
+    if observer is not None:  # offered u and round(u) only where they are read on the host
+        feed = observer.begin(grad_y, inv.item() if by_range and per_tensor else None, CHUNK)
     for rows, cols, cells in chunks:
         chunk = _Chunk(x3[rows, cols, cells], dy3[rows, cols, cells], gx3[rows, cols, cells], work)
         inv_c, z_c = (inv, z3) if per_tensor else (inv[:, cols], z3[:, cols])
         if sums is not None and not per_tensor:
             sums.cols = cols
-        if not (by_range and _chunk_by_range(chunk, inv_c, z_c, z_host, qmin, qmax, sums)):
+        if not (by_range and _chunk_by_range(chunk, inv_c, z_c, z_host, qmin, qmax, sums, feed)):
+            if feed is not None:
+                observer.abort()
+                feed = None
             _chunk_exact(chunk, inv_c, z_c, qmin, qmax, sums)
+    if feed is not None:
+        observer.end()
     return grad_x, sums.result() if sums is not None else None
+
+
+def observe_backward(output: torch.Tensor, observer: Any) -> bool:
+    """Let ``observer`` see the backward of the eqcore fake quantization that made ``output``.
+
+    The backward calls ``observer.begin(dY, 1/s, chunk_size)``, with 1/s None where it offers
+    no chunks (per channel, or not on the CPU). When ``begin`` returns a callable, the backward
+    calls it with each chunk's flat u = x * (1/s) (to be overwritten), round(u), dY and x, in
+    order, then ``observer.end()``, or ``observer.abort()`` if a chunk holds NaN or inf, after
+    which the observer works from dY alone. False when ``output`` does not come from eqcore's
+    fake quantization.
+    """
+    node = output.grad_fn
+    if not isinstance(node, (_LearnableFakeQuantizeFn._backward_cls, _FakeQuantizeFn._backward_cls)):
+        return False
+    node.chunk_observer = observer
+    return True
 
 
 class _LearnableFakeQuantizeFn(torch.autograd.Function):
@@ -389,7 +425,8 @@ class _LearnableFakeQuantizeFn(torch.autograd.Function):
         axis, g = ctx.axis, ctx.grad_factor
         need_x, need_s, need_z = ctx.needs_input_grad[:3]
         grad_inside, sums = _backward(
-            x.detach(), grad_y.to(s.dtype), s, z, qmin, qmax, axis, need_params=need_s or need_z, z_host=ctx.z_host
+            x.detach(), grad_y.to(s.dtype), s, z, qmin, qmax, axis,
+            need_params=need_s or need_z, z_host=ctx.z_host, observer=getattr(ctx, "chunk_observer", None),
         )
         grad_scale = grad_zero_point = None
         if sums is not None:
@@ -426,7 +463,8 @@ class _FakeQuantizeFn(torch.autograd.Function):
         x, s, z = ctx.saved_tensors
         qmin, qmax = ctx.qrange
         grad_x, _ = _backward(
-            x.detach(), grad_y.to(s.dtype), s, z, qmin, qmax, ctx.axis, need_params=False, z_host=ctx.z_host
+            x.detach(), grad_y.to(s.dtype), s, z, qmin, qmax, ctx.axis,
+            need_params=False, z_host=ctx.z_host, observer=getattr(ctx, "chunk_observer", None),
         )
         return grad_x.to(grad_y.dtype), None, None, None, None, None
 

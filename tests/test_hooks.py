@@ -24,6 +24,9 @@ from eqcore.hooks import (
     run_sensitivity_analysis,
     weight_histograms,
 )
+import eqcore.hooks as hooks_module
+import eqcore.quantizers as quantizers_module
+from eqcore.histogram import GradientBinner
 from eqcore.quantizers import EQFakeQuantize, EQLearnableFakeQuantize
 from eqcore.toggles import disable_PTQ_observer
 
@@ -454,6 +457,82 @@ def test_sa_score_matches_direct_computation(fx_model: nn.Module) -> None:
         y = module(x).detach()
         expected = ((y.double() - x.double()) * g.double()).pow(2).sum().item()
         assert result.activations[name].score == pytest.approx(expected, rel=1e-3, abs=1e-30)
+
+
+def sa_results(model: nn.Module) -> dict[str, tuple]:
+    """Counts, binned gradients and score of every activation quantizer over three batches."""
+    result = run_sensitivity_analysis(model, three_batches(), batches=3, weights=False)
+    assert result.errors == {}, result.errors
+    return {
+        name: (sa.histogram.counts.copy(), sa.gradients.binned_grads.copy(), sa.score)
+        for name, sa in result.activations.items()
+    }
+
+
+def assert_same_results(got: dict[str, tuple], expected: dict[str, tuple]) -> None:
+    assert got.keys() == expected.keys()
+    for name, (counts, grads, score) in expected.items():
+        np.testing.assert_array_equal(got[name][0], counts, err_msg=name)
+        np.testing.assert_array_equal(got[name][1], grads, err_msg=name)
+        assert got[name][2] == score, name
+
+
+@pytest.fixture
+def tensor_hook_results(fx_model: nn.Module, monkeypatch: pytest.MonkeyPatch) -> dict[str, tuple]:
+    """The SA results with every gradient binned by the tensor hook on the quantizer's output."""
+    with monkeypatch.context() as patch:
+        patch.setattr(hooks_module, "observe_backward", lambda output, observer: False)
+        return sa_results(fx_model)
+
+
+def test_sa_inside_eqcore_backward_bins_bit_for_bit_as_the_tensor_hook(
+    fx_model: nn.Module, tensor_hook_results: dict[str, tuple], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """On eqcore's quantizers the SA gradient pass runs inside the quantizer's backward, on the
+    u and round(u) it computes: counts, gradient sums and scores are the tensor hook's, bit for bit."""
+    fed: list[bool] = []
+    feed = GradientBinner.feed
+    # A binner fed by the backward leases its buffers; the standalone one borrows bin_gradient's.
+    monkeypatch.setattr(GradientBinner, "feed", lambda self, *args: (fed.append(self.lease is not None), feed(self, *args)))
+    assert_same_results(sa_results(fx_model), tensor_hook_results)
+    quantizers = len(activation_quantizers(fx_model))
+    assert all(fed) and len(fed) >= 3 * quantizers  # every quantizer, every batch, inside the backward
+
+
+@pytest.mark.parametrize("how", ["no chunks offered", "binner fails", "grid resampled"])
+def test_sa_falls_back_to_binning_from_x(
+    fx_model: nn.Module, tensor_hook_results: dict[str, tuple], monkeypatch: pytest.MonkeyPatch, how: str
+) -> None:
+    """Where the backward offers no chunks (as on a GPU), or binning them fails (the failure is
+    recorded), the gradient is binned from x and dY instead: the same results."""
+    if how == "no chunks offered":
+        monkeypatch.setattr(quantizers_module, "_reads_host", lambda t: False)
+        assert_same_results(sa_results(fx_model), tensor_hook_results)
+    elif how == "binner fails":
+        feed = GradientBinner.feed
+
+        def broken(self, *args):  # noqa: ANN001, ANN002, ANN202
+            if self.lease is not None:  # a binner fed by the backward (the standalone one borrows)
+                raise RuntimeError("binner broke")
+            return feed(self, *args)
+
+        monkeypatch.setattr(GradientBinner, "feed", broken)
+        result = run_sensitivity_analysis(fx_model, three_batches(), batches=3, weights=False)
+        assert result.errors and all("binner broke" in message for message in result.errors.values())
+        got = {name: (sa.histogram.counts, sa.gradients.binned_grads, sa.score) for name, sa in result.activations.items()}
+        assert_same_results(got, tensor_hook_results)
+    else:  # a histogram grid other than the quantizer's: its u is not the backward's
+        forward, backward = add_sensitivity_analysis_hooks(fx_model, bit_res=4)
+        try:
+            fx_model(three_batches()[0]).mean().backward()
+        finally:
+            forward.remove_hooks()
+            backward.remove_hooks()
+        fx_model.zero_grad(set_to_none=True)
+        assert forward.errors == {} and backward.errors == {}
+        for name, grads in backward.data.items():
+            hist = forward.data[name]
+            assert hist.numel == grads.numel and hist.counts.sum() + hist.nan_count == hist.numel
 
 
 def test_bad_inputs_get_clear_errors(fx_model: nn.Module) -> None:
