@@ -701,7 +701,8 @@ class GradientBinner:
         score = None
         if self.quantizer is not None:
             # The error was in grid units; scale it back once.
-            score = torch.stack(self.partial).double().sum() * float(self.quantizer.scale) ** 2
+            terms = torch.stack(self.partial).double().sum() if self.partial else torch.zeros((), dtype=torch.float64)
+            score = terms * float(self.quantizer.scale) ** 2
         counted = None
         if self.count:
             zero_point = float(self.plan.zero_point)
