@@ -5,7 +5,8 @@ Prints, for one forward + ``output.mean().backward()``:
 - time: SA hooks on every activation quantizer vs the same pass without hooks. Passes run
   interleaved (plain, hooked, plain, ...) so drifts in machine speed hit both alike; reported
   as the ratio of medians and the median of adjacent-pair ratios, wall clock and CPU time;
-- peak memory: each configuration in its own fresh subprocess; after building and calibrating
+- peak memory: each configuration in its own fresh subprocess (the median of 3 each, as one
+  process's peak moves with where malloc places the large tensors); after building and calibrating
   the model (no-grad passes), the RSS is taken as baseline, the kernel's high-water mark is
   reset (/proc/self/clear_refs), two forward + backward passes run, and the high-water mark
   minus the baseline is the passes' peak (ru_maxrss since process start where clear_refs is
@@ -203,24 +204,31 @@ def memory_child(mode: str) -> None:
     print(json.dumps({"mode": mode, "baseline_kib": baseline, "peak_kib": peak, "method": method}))
 
 
-def measure_memory() -> dict[str, object]:
-    results = {}
-    for mode in ("plain", "sa"):
-        out = subprocess.run(
-            [sys.executable, __file__, "--memory-child", mode],
-            check=True,
-            capture_output=True,
-            text=True,
-            env={**os.environ, "PYTHONWARNINGS": "ignore"},
-        )
-        results[mode] = json.loads(out.stdout.strip().splitlines()[-1])
-    plain = results["plain"]["peak_kib"] - results["plain"]["baseline_kib"]
-    sa = results["sa"]["peak_kib"] - results["sa"]["baseline_kib"]
+def measure_memory(runs: int = 3) -> dict[str, object]:
+    """Median over ``runs`` fresh processes per configuration, alternating: one process's peak
+    moves by tens of MiB with where malloc happens to place the large tensors."""
+    peaks: dict[str, list[int]] = {"plain": [], "sa": []}
+    method = ""
+    for _ in range(runs):
+        for mode in ("plain", "sa"):
+            out = subprocess.run(
+                [sys.executable, __file__, "--memory-child", mode],
+                check=True,
+                capture_output=True,
+                text=True,
+                env={**os.environ, "PYTHONWARNINGS": "ignore"},
+            )
+            result = json.loads(out.stdout.strip().splitlines()[-1])
+            peaks[mode].append(result["peak_kib"] - result["baseline_kib"])
+            method = result["method"]
+    plain, sa = statistics.median(peaks["plain"]), statistics.median(peaks["sa"])
     return {
         "plain_peak_delta_mib": plain / 1024,
         "sa_peak_delta_mib": sa / 1024,
         "ratio": sa / plain,
-        "method": results["sa"]["method"],
+        "runs": runs,
+        "all_mib": {mode: [round(p / 1024) for p in values] for mode, values in peaks.items()},
+        "method": method,
     }
 
 
@@ -257,9 +265,9 @@ def main() -> None:
     if not args.skip_memory:
         memory = measure_memory()
         print(
-            f"peak memory over baseline ({memory['method']}, fresh process each): "
+            f"peak memory over baseline ({memory['method']}, median of {memory['runs']} fresh processes each): "
             f"plain {memory['plain_peak_delta_mib']:.0f} MiB, SA hooks {memory['sa_peak_delta_mib']:.0f} MiB, "
-            f"ratio {memory['ratio']:.3f}"
+            f"ratio {memory['ratio']:.3f} (all runs, MiB: {memory['all_mib']})"
         )
 
 

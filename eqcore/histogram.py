@@ -309,6 +309,7 @@ class _Scratch(threading.local):
 
     def __init__(self) -> None:
         self.buffers: dict[tuple[str, int, torch.dtype], torch.Tensor] = {}
+        self.lane_keys: dict[tuple[int, torch.dtype], tuple[int, float]] = {}  # what "lanes" holds
         self.busy = False
 
     def get(self, name: str, size: int, dtype: torch.dtype) -> torch.Tensor:
@@ -317,11 +318,23 @@ class _Scratch(threading.local):
         if buffer is None:
             if len(self.buffers) > 32:
                 self.buffers.clear()
+                self.lane_keys.clear()
             buffer = self.buffers[key] = torch.empty(size, dtype=dtype)
         return buffer
 
 
 _SCRATCH = _Scratch()
+
+
+def _lanes_plus(scratch: _Scratch, size: int, length: int, const: float, dtype: torch.dtype) -> torch.Tensor:
+    """Lane offsets (see :func:`_lane_offsets`) plus ``const``, in the scratch; recomputed only
+    when the grid's length or constant changes."""
+    lanes = scratch.get("lanes", size, dtype)
+    key = (size, dtype)
+    if scratch.lane_keys.get(key) != (length, const):
+        torch.add(_lane_offsets(size, length, dtype), const, out=lanes)
+        scratch.lane_keys[key] = (length, const)
+    return lanes
 
 
 def _weight_pairs(scratch: _Scratch, size: int) -> torch.Tensor:
@@ -392,9 +405,7 @@ class _ChunkIndexer:
         self.length = grid.n_bins + 1
         self.size = size
         self.lane_base = _lane_offsets(size, self.length, torch.int32)
-        self.lanes = torch.add(
-            _lane_offsets(size, self.length, plan.compute), const, out=scratch.get("lanes", size, plan.compute)
-        )
+        self.lanes = _lanes_plus(scratch, size, self.length, const, plan.compute)
         self.u = scratch.get("u", size, plan.compute)
         self.r = scratch.get("r", size, plan.compute)
         self.index = scratch.get("index", size * batch, torch.int32) if batch else None
@@ -638,10 +649,10 @@ class GradientBinner:
         self.pairs = _weight_pairs(scratch, size)
         self.real = torch.view_as_real(self.pairs)[:, 0]
         feed_size = min(feed_size, size)
-        self.lanes = torch.add(
-            _lane_offsets(feed_size, self.length, plan.compute), const, out=scratch.get("lanes", feed_size, plan.compute)
-        )
-        self.accumulated = torch.zeros((_ROWS, _LANES * self.length), dtype=torch.complex128)
+        self.lanes = _lanes_plus(scratch, feed_size, self.length, const, plan.compute)
+        # Scratch too (zeroed here): a fresh 0.7 MiB per call would cost its page faults.
+        self.accumulated = scratch.get("accumulated", _ROWS * _LANES * self.length, torch.complex128)
+        self.accumulated = self.accumulated.view(_ROWS, _LANES * self.length).zero_()
         self.u_low, self.u_high = scan.low * self.inv, scan.high * self.inv
         self.inside = self.low + 1.0 <= self.u_low and self.u_high <= self.high - 1.0
         self.filled = 0
