@@ -673,7 +673,7 @@ class GradientBinner:
             # (quantized - x) / s in grid units: clamp(round(u)) - u.
             e = self.error[:m]
             if not self.shared:
-                torch.mul(xc, self.q_inv, out=e)
+                torch.mul(xc.to(self.plan.compute), self.q_inv, out=e)
                 e.sub_(torch.round(e).clamp_(self.q_low, self.q_high)).neg_()
             elif self.unclamped:
                 torch.sub(r, u, out=e)
