@@ -15,6 +15,8 @@ from dataclasses import dataclass
 import torch
 from hypothesis import strategies as st
 
+from pytest_easyquant.strategies import FakeQuantCase
+
 DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 MAX_BITS = {torch.float32: 16, torch.float64: 16, torch.float16: 10, torch.bfloat16: 7}
 # log2 of the scale range per dtype, keeping |x| far from overflow and out of subnormals.
@@ -27,15 +29,11 @@ SCALE_EXPONENTS = {
 
 
 @dataclass(frozen=True)
-class FQCase:
-    """One fake-quantization input: x and its qparams (float32 tensors, like module params)."""
+class FQCase(FakeQuantCase):
+    """The public :class:`FakeQuantCase` (qparams as float32 tensors, like module params) with
+    the tests' helpers; the tests pass their own grad_factor to the function under test."""
 
-    x: torch.Tensor
-    scale: torch.Tensor
-    zero_point: torch.Tensor
-    quant_min: int
-    quant_max: int
-    ch_axis: int | None
+    grad_factor: float = 1.0
 
     @property
     def axis(self) -> int | None:
