@@ -10,7 +10,7 @@ A storage is handed out again only once nothing else references it: its use coun
 pool's own reference (views, saved tensors, numpy arrays and DLPack capsules all hold one). The
 tensors handed out are not views (autograd forbids in-place ops on views made inside a custom
 Function). The pool holds at most ``max_bytes`` of storage; beyond that, and for small or
-non-CPU tensors, allocation is the usual one. :func:`release_buffers` frees the idle storage.
+non-CPU tensors and under torch.compile, allocation is the usual one. :func:`release_buffers` frees the idle storage.
 """
 
 from __future__ import annotations
@@ -21,6 +21,12 @@ import threading
 import torch
 
 _use_count = getattr(torch._C, "_storage_Use_Count", None)
+
+
+def compiling() -> bool:
+    """True while torch.compile traces: reading values back, or storage tricks, would break its graph."""
+    is_compiling = getattr(torch.compiler, "is_compiling", None)
+    return bool(is_compiling()) if is_compiling is not None else False
 
 
 class OutputPool:
@@ -39,7 +45,7 @@ class OutputPool:
     def empty(self, shape: torch.Size | tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
         """An uninitialised contiguous tensor, on recycled storage where the pool has some."""
         nbytes = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
-        if device.type != "cpu" or _use_count is None or nbytes < self.min_bytes:
+        if device.type != "cpu" or _use_count is None or nbytes < self.min_bytes or compiling():
             return torch.empty(shape, dtype=dtype, device=device)
         storage = self._take(dtype, nbytes)
         if storage is None:

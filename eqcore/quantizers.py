@@ -33,7 +33,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from eqcore._pool import OUTPUT_POOL, release_buffers
+from eqcore._pool import OUTPUT_POOL, compiling, release_buffers
 from eqcore._torch_ao import FakeQuantizeBase, tq
 
 EPS = torch.finfo(torch.float32).eps
@@ -104,10 +104,11 @@ def _reads_host(t: torch.Tensor) -> bool:
 
     On the CPU, reading a tensor's value is a memory load, not a synchronisation, so the kernels
     use a uniform zero point as a Python number (scalar grid bounds save passes) and look at each
-    chunk's grid range (to skip the work its content does not need). On any other device they
-    never read a value back, so forward and backward never stall the device's stream.
+    chunk's grid range (to skip the work its content does not need). On any other device, and
+    while torch.compile traces, they never read a value back, so forward and backward never
+    stall the device's stream or break the compiled graph.
     """
-    return t.device.type == "cpu"
+    return t.device.type == "cpu" and not compiling()
 
 
 def _host_zero_point(z: torch.Tensor) -> float | None:
