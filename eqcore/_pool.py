@@ -9,8 +9,10 @@ training step the backward's dX reuses the storage of the forward output its lay
 A storage is handed out again only once nothing else references it: its use count is then the
 pool's own reference (views, saved tensors, numpy arrays and DLPack capsules all hold one). The
 tensors handed out are not views (autograd forbids in-place ops on views made inside a custom
-Function). The pool holds at most ``max_bytes`` of storage; beyond that, and for small or
-non-CPU tensors and under torch.compile, allocation is the usual one. :func:`release_buffers` frees the idle storage.
+Function). The pool holds at most ``max_bytes`` of storage: when a new tensor would exceed it,
+the idle storage is dropped first (shapes change), and if that is not enough, the tensor gets
+the usual allocation, as small or non-CPU tensors do and everything under torch.compile.
+:func:`release_buffers` frees the idle storage.
 """
 
 from __future__ import annotations
@@ -61,7 +63,10 @@ class OutputPool:
                     if storage.nbytes() == nbytes:
                         return storage
             if self._held + nbytes > self.max_bytes:
-                return None
+                self._release_idle()  # make room: shapes change, the storage of old ones is idle
+                if self._held + nbytes > self.max_bytes:
+                    return None
+                storages = self._storages.setdefault(key, [])
             storage = torch.UntypedStorage(nbytes)
             storages.append(storage)
             self._held += nbytes
@@ -69,16 +74,19 @@ class OutputPool:
 
     def release(self) -> int:
         """Drop the storage nothing else references; returns the bytes released."""
-        released = 0
         with self._lock:
-            for key, storages in list(self._storages.items()):
-                idle = [s for s in storages if _use_count is None or _use_count(s._cdata) == 1]
-                for storage in idle:
-                    storages.remove(storage)
-                    released += key[1]
-                if not storages:
-                    del self._storages[key]
-            self._held -= released
+            return self._release_idle()
+
+    def _release_idle(self) -> int:
+        released = 0
+        for key, storages in list(self._storages.items()):
+            idle = [s for s in storages if _use_count is None or _use_count(s._cdata) == 1]
+            for storage in idle:
+                storages.remove(storage)
+                released += key[1]
+            if not storages:
+                del self._storages[key]
+        self._held -= released
         return released
 
 

@@ -84,6 +84,17 @@ def test_the_pool_holds_at_most_max_bytes_and_releases_idle_storage() -> None:
     assert d.numel() == 1 << 18
 
 
+def test_idle_storage_of_an_old_shape_makes_room_for_a_new_one() -> None:
+    pool = OutputPool(max_bytes=3 << 20, min_bytes=1 << 20)
+    device = torch.device("cpu")
+    old = pool.empty((1 << 18,), torch.float32, device)  # 1 MiB
+    kept = pool.empty((1 << 18,), torch.float32, device)
+    del old  # idle now
+    new = pool.empty((3 << 17,), torch.float32, device)  # 1.5 MiB: over the cap unless the idle one goes
+    assert pool.held_bytes == (1 << 20) + 6 * (1 << 17)
+    assert new.untyped_storage().nbytes() == 6 * (1 << 17) and kept.numel() == 1 << 18
+
+
 def test_storage_freed_behind_the_pool_is_not_handed_out_again() -> None:
     pool = OutputPool(max_bytes=8 << 20)
     device = torch.device("cpu")
