@@ -618,8 +618,8 @@ sizes the binner is fed in."""
 class GradientBinner:
     """One call's per-tensor CPU gradient binning (finite x), fed chunk by chunk.
 
-    ``feed`` takes the next elements' grid coordinate u = x * (1/s) (overwritten) and r = round(u)
-    with their gradient, as the fake quantizer computes them: the standalone pass
+    ``feed`` takes the next elements' grid coordinate u = x * (1/s) and r = round(u) with their
+    gradient, as the fake quantizer computes them, and modifies none of them: the standalone pass
     (:func:`bin_gradient`) computes them from x, and eqcore's own quantizer hands over the ones its
     backward computes anyway (see ``eqcore.quantizers``). Indices and weights are scatter-added
     every ``_SCATTER`` elements and score terms summed per ``_CHUNK`` elements, so any feed size
@@ -650,6 +650,7 @@ class GradientBinner:
         self.real = torch.view_as_real(self.pairs)[:, 0]
         feed_size = min(feed_size, size)
         self.lanes = _lanes_plus(scratch, feed_size, self.length, const, plan.compute)
+        self.work = scratch.get("index_values", feed_size, plan.compute)
         # Scratch too (zeroed here): a fresh 0.7 MiB per call would cost its page faults.
         self.accumulated = scratch.get("accumulated", _ROWS * _LANES * self.length, torch.complex128)
         self.accumulated = self.accumulated.view(_ROWS, _LANES * self.length).zero_()
@@ -667,7 +668,7 @@ class GradientBinner:
             self.partial: list[torch.Tensor] = []
 
     def feed(self, u: torch.Tensor, r: torch.Tensor, gc: torch.Tensor, xc: torch.Tensor) -> None:
-        """Bin the next ``u.numel()`` elements: flat u (overwritten), r, gradient and x."""
+        """Bin the next ``u.numel()`` elements: flat u, r, gradient and x (none is modified)."""
         m = u.numel()
         if self.quantizer is not None:
             # (quantized - x) / s in grid units: clamp(round(u)) - u.
@@ -684,11 +685,12 @@ class GradientBinner:
             for start in range(0, m, _CHUNK):
                 part = e[start : start + _CHUNK]
                 self.partial.append(torch.dot(part, part))
-        torch.lerp(r, u, self.weight, out=u)
+        v = self.work[:m]  # u and r stay as they are: the quantizer's backward goes on with them
+        torch.lerp(r, u, self.weight, out=v)
         if not self.inside:
-            u.clamp_(self.low, self.high)
-        torch.add(self.lanes[:m], u, alpha=self.B, out=u)
-        self.index[self.filled : self.filled + m].copy_(u)
+            v.clamp_(self.low, self.high)
+        torch.add(self.lanes[:m], v, alpha=self.B, out=v)
+        self.index[self.filled : self.filled + m].copy_(v)
         self.real[self.filled : self.filled + m].copy_(gc)
         self.filled += m
         if self.filled == self.index.numel():

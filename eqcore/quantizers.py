@@ -386,8 +386,8 @@ def observe_backward(output: torch.Tensor, observer: Any) -> bool:
 
     The backward calls ``observer.begin(dY, 1/s, chunk_size)``, with 1/s None where it offers
     no chunks (per channel, or not on the CPU). When ``begin`` returns a callable, the backward
-    calls it with each chunk's flat u = x * (1/s) (to be overwritten), round(u), dY and x, in
-    order, then ``observer.end()``, or ``observer.abort()`` if a chunk holds NaN or inf, after
+    calls it with each chunk's flat u = x * (1/s), round(u), dY and x, in order (it must not
+    modify them: the backward goes on with them), then ``observer.end()``, or ``observer.abort()`` if a chunk holds NaN or inf, after
     which the observer works from dY alone. False when ``output`` does not come from eqcore's
     fake quantization.
     """

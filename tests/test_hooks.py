@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
 import warnings
 from collections import defaultdict
+from collections.abc import Iterator
 
 import numpy as np
 import pytest
@@ -459,6 +461,16 @@ def test_sa_score_matches_direct_computation(fx_model: nn.Module) -> None:
         assert result.activations[name].score == pytest.approx(expected, rel=1e-3, abs=1e-30)
 
 
+@contextlib.contextmanager
+def kernel_chunk(size: int) -> Iterator[None]:
+    saved = quantizers_module.CHUNK
+    quantizers_module.CHUNK = size
+    try:
+        yield
+    finally:
+        quantizers_module.CHUNK = saved
+
+
 def sa_results(model: nn.Module) -> dict[str, tuple]:
     """Counts, binned gradients and score of every activation quantizer over three batches."""
     result = run_sensitivity_analysis(model, three_batches(), batches=3, weights=False)
@@ -497,6 +509,42 @@ def test_sa_inside_eqcore_backward_bins_bit_for_bit_as_the_tensor_hook(
     assert_same_results(sa_results(fx_model), tensor_hook_results)
     quantizers = len(activation_quantizers(fx_model))
     assert all(fed) and len(fed) >= 3 * quantizers  # every quantizer, every batch, inside the backward
+
+
+@pytest.mark.parametrize("cls", [EQLearnableFakeQuantize, EQFakeQuantize])
+@pytest.mark.parametrize("score", [False, True])
+def test_sa_hooks_leave_every_gradient_of_the_pass_unchanged(cls, score: bool) -> None:  # noqa: ANN001
+    """Binning inside the quantizer's backward must not touch what that backward goes on with:
+    dX, dS and dZ of a QAT step are bit for bit those of the same step without hooks."""
+    torch.manual_seed(4)
+    kwargs = dict(observer=tq.MinMaxObserver, quant_min=0, quant_max=255, dtype=torch.quint8, qscheme=torch.per_tensor_affine)
+    model = nn.Sequential(cls(**kwargs), nn.Linear(256, 64), cls(**kwargs))
+    x = torch.randn(1200, 256) * 2  # 1.2 MiB: several of the backward's chunks when CHUNK is small
+    model(x)
+    for quantizer in (model[0], model[2]):
+        if cls is EQLearnableFakeQuantize:
+            quantizer.enable_param_learning()
+        else:
+            quantizer.enable_observer(False)
+    weights = torch.linspace(-1, 1, 1200 * 64).reshape(1200, 64)
+
+    def step(hooked: bool) -> list[torch.Tensor]:
+        model.zero_grad(set_to_none=True)
+        if hooked:
+            forward, backward = add_sensitivity_analysis_hooks(model, score=score)
+        xi = x.clone().requires_grad_(True)
+        (model(xi) * weights).sum().backward()
+        if hooked:
+            assert forward.errors == {} and backward.errors == {} and backward.data
+            forward.reset()
+            backward.reset()
+        return [xi.grad] + [p.grad for p in model.parameters() if p.grad is not None]
+
+    with kernel_chunk(1 << 16):  # the tensors span several chunks
+        plain, hooked = step(False), step(True)
+    assert len(plain) == len(hooked) >= 3
+    for a, b in zip(plain, hooked):
+        assert torch.equal(a, b)
 
 
 @pytest.mark.parametrize("how", ["no chunks offered", "binner fails", "grid resampled"])
