@@ -5,7 +5,7 @@ Prints, for one forward + ``output.mean().backward()``:
 - time: SA hooks on every activation quantizer vs the same pass without hooks. Passes run
   interleaved (plain, hooked, plain, ...) so drifts in machine speed hit both alike; reported
   as the ratio of medians and the median of adjacent-pair ratios, wall clock and CPU time;
-- peak memory: each configuration in its own fresh subprocess (the median of 3 each, as one
+- peak memory: each configuration in its own fresh subprocess (the median of 5 each, as one
   process's peak moves with where malloc places the large tensors); after building and calibrating
   the model (no-grad passes), the RSS is taken as baseline, the kernel's high-water mark is
   reset (/proc/self/clear_refs), two forward + backward passes run, and the high-water mark
@@ -204,7 +204,7 @@ def memory_child(mode: str) -> None:
     print(json.dumps({"mode": mode, "baseline_kib": baseline, "peak_kib": peak, "method": method}))
 
 
-def measure_memory(runs: int = 3) -> dict[str, object]:
+def measure_memory(runs: int = 5) -> dict[str, object]:
     """Median over ``runs`` fresh processes per configuration, alternating: one process's peak
     moves by tens of MiB with where malloc happens to place the large tensors."""
     peaks: dict[str, list[int]] = {"plain": [], "sa": []}

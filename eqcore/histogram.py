@@ -650,7 +650,7 @@ class GradientBinner:
         self.real = torch.view_as_real(self.pairs)[:, 0]
         feed_size = min(feed_size, size)
         self.lanes = _lanes_plus(scratch, feed_size, self.length, const, plan.compute)
-        self.work = scratch.get("index_values", feed_size, plan.compute)
+        self.scratch, self.feed_size = scratch, feed_size
         # Scratch too (zeroed here): a fresh 0.7 MiB per call would cost its page faults.
         self.accumulated = scratch.get("accumulated", _ROWS * _LANES * self.length, torch.complex128)
         self.accumulated = self.accumulated.view(_ROWS, _LANES * self.length).zero_()
@@ -667,8 +667,12 @@ class GradientBinner:
             self.error = scratch.get("error", feed_size, plan.compute)
             self.partial: list[torch.Tensor] = []
 
-    def feed(self, u: torch.Tensor, r: torch.Tensor, gc: torch.Tensor, xc: torch.Tensor) -> None:
-        """Bin the next ``u.numel()`` elements: flat u, r, gradient and x (none is modified)."""
+    def feed(self, u: torch.Tensor, r: torch.Tensor, gc: torch.Tensor, xc: torch.Tensor, work: torch.Tensor | None = None) -> None:
+        """Bin the next ``u.numel()`` elements: flat u, r, gradient and x (none is modified).
+
+        ``work`` (as many elements, the caller's free scratch) takes the index values; without
+        it the binner's own buffer does.
+        """
         m = u.numel()
         if self.quantizer is not None:
             # (quantized - x) / s in grid units: clamp(round(u)) - u.
@@ -685,7 +689,9 @@ class GradientBinner:
             for start in range(0, m, _CHUNK):
                 part = e[start : start + _CHUNK]
                 self.partial.append(torch.dot(part, part))
-        v = self.work[:m]  # u and r stay as they are: the quantizer's backward goes on with them
+        if work is None:
+            work = self.scratch.get("index_values", self.feed_size, self.plan.compute)[:m]
+        v = work  # u and r stay as they are: the quantizer's backward goes on with them
         torch.lerp(r, u, self.weight, out=v)
         if not self.inside:
             v.clamp_(self.low, self.high)
@@ -783,7 +789,7 @@ def _bin_gradient_chunked(binner: GradientBinner, xf: torch.Tensor, gf: torch.Te
         u, r = u_buffer[: stop - start], r_buffer[: stop - start]
         torch.mul(xc, binner.inv, out=u)
         torch.round(u, out=r)
-        binner.feed(u, r, gc, xc)
+        binner.feed(u, r, gc, xc, work=u)  # u is this loop's own: the index values may replace it
     return binner.result()
 
 

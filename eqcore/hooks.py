@@ -364,11 +364,11 @@ class _FusedSink(_GradientSink):
         self._standalone(pending, grad)  # the backward's grid is not the histogram's
         return None
 
-    def _feed(self, u: torch.Tensor, r: torch.Tensor, dy: torch.Tensor, x: torch.Tensor) -> None:
+    def _feed(self, u: torch.Tensor, r: torch.Tensor, dy: torch.Tensor, x: torch.Tensor, work: torch.Tensor) -> None:
         if self.active is None:
             return
         try:
-            self.active[1].feed(u, r, dy, x)
+            self.active[1].feed(u, r, dy, x, work)
         except Exception as exc:
             _record_failure(self.store, self.name, exc)
             self.abort()

@@ -289,8 +289,8 @@ def _chunk_by_range(
     position, residual = chunk.position, chunk.residual
     torch.mul(chunk.x, inv, out=residual)
     torch.round(residual, out=position)
-    if feed is not None:
-        feed(residual.view(-1), position.view(-1), chunk.dy.reshape(-1), chunk.x.reshape(-1))
+    if feed is not None:  # row 2 is free until the masks: the feeder's scratch
+        feed(residual.view(-1), position.view(-1), chunk.dy.reshape(-1), chunk.x.reshape(-1), chunk.rows[2].view(-1))
     if sums is not None:
         residual.sub_(position)  # u - round(u); NaN where an inf made it, caught below
     if z_host is None:
@@ -386,8 +386,8 @@ def observe_backward(output: torch.Tensor, observer: Any) -> bool:
 
     The backward calls ``observer.begin(dY, 1/s, chunk_size)``, with 1/s None where it offers
     no chunks (per channel, or not on the CPU). When ``begin`` returns a callable, the backward
-    calls it with each chunk's flat u = x * (1/s), round(u), dY and x, in order (it must not
-    modify them: the backward goes on with them), then ``observer.end()``, or ``observer.abort()`` if a chunk holds NaN or inf, after
+    calls it with each chunk's flat u = x * (1/s), round(u), dY and x (which it must not modify:
+    the backward goes on with them) and a free scratch of as many elements, in order, then ``observer.end()``, or ``observer.abort()`` if a chunk holds NaN or inf, after
     which the observer works from dY alone. False when ``output`` does not come from eqcore's
     fake quantization.
     """

@@ -505,7 +505,9 @@ def test_sa_inside_eqcore_backward_bins_bit_for_bit_as_the_tensor_hook(
     fed: list[bool] = []
     feed = GradientBinner.feed
     # A binner fed by the backward leases its buffers; the standalone one borrows bin_gradient's.
-    monkeypatch.setattr(GradientBinner, "feed", lambda self, *args: (fed.append(self.lease is not None), feed(self, *args)))
+    monkeypatch.setattr(
+        GradientBinner, "feed", lambda self, *args, **kwargs: (fed.append(self.lease is not None), feed(self, *args, **kwargs))
+    )
     assert_same_results(sa_results(fx_model), tensor_hook_results)
     quantizers = len(activation_quantizers(fx_model))
     assert all(fed) and len(fed) >= 3 * quantizers  # every quantizer, every batch, inside the backward
@@ -559,10 +561,10 @@ def test_sa_falls_back_to_binning_from_x(
     elif how == "binner fails":
         feed = GradientBinner.feed
 
-        def broken(self, *args):  # noqa: ANN001, ANN002, ANN202
+        def broken(self, *args, **kwargs):  # noqa: ANN001, ANN002, ANN003, ANN202
             if self.lease is not None:  # a binner fed by the backward (the standalone one borrows)
                 raise RuntimeError("binner broke")
-            return feed(self, *args)
+            return feed(self, *args, **kwargs)
 
         monkeypatch.setattr(GradientBinner, "feed", broken)
         result = run_sensitivity_analysis(fx_model, three_batches(), batches=3, weights=False)
