@@ -394,8 +394,7 @@ class _ChunkIndexer:
     For each chunk: u = x * (1/s), r = round(u) (the quantizer's own operations), then the
     index lane + B * clamp(r + w * (u - r)) + const in three in-place passes, the clamp skipped
     when the chunk lies well inside the histogram. Indices are int32 with the lane offset of
-    their sub-histogram added (see :func:`_fold_lanes`), in ``index`` (``batch`` chunks of them;
-    ``batch=0`` for callers that keep their own index buffer and use no :meth:`finish`).
+    their sub-histogram added (see :func:`_fold_lanes`), in ``index`` (``batch`` chunks of them).
     """
 
     def __init__(self, plan: _Plan, grid: GridBins, size: int, batch: int, scratch: _Scratch) -> None:
@@ -408,7 +407,7 @@ class _ChunkIndexer:
         self.lanes = _lanes_plus(scratch, size, self.length, const, plan.compute)
         self.u = scratch.get("u", size, plan.compute)
         self.r = scratch.get("r", size, plan.compute)
-        self.index = scratch.get("index", size * batch, torch.int32) if batch else None
+        self.index = scratch.get("index", size * batch, torch.int32)
         # Chunks whose u lies in [safe_low, safe_high] need no clamp.
         self.safe_low, self.safe_high = self.low + 1.0, self.high - 1.0
 
@@ -421,14 +420,26 @@ class _ChunkIndexer:
 
     def finish(self, u: torch.Tensor, r: torch.Tensor, slot: int, m: int, inside: bool) -> torch.Tensor:
         """Turn (u, r) into lane-offset indices in ``index[slot * size:]``; u is overwritten."""
-        lanes = self.lanes if m == self.size else self.lanes[:m]
         index = self.index[slot * self.size : slot * self.size + m]
-        torch.lerp(r, u, self.weight, out=u)
-        if not inside:
-            u.clamp_(self.low, self.high)
-        torch.add(lanes, u, alpha=self.B, out=u)
-        index.copy_(u)
+        index.copy_(_index_values(u, r, u, self.lanes[:m], self.weight, self.B, None if inside else (self.low, self.high)))
         return index
+
+
+def _index_values(
+    u: torch.Tensor,
+    r: torch.Tensor,
+    out: torch.Tensor,
+    lanes: torch.Tensor,
+    weight: float,
+    B: int,
+    clamp: tuple[float, float] | None,
+) -> torch.Tensor:
+    """lane + B * clamp(r + w * (u - r)) + const (``lanes`` holds lane + const) into ``out``,
+    which may be ``u``: truncated to an integer, the lane-offset bin of each element."""
+    torch.lerp(r, u, weight, out=out)
+    if clamp is not None:
+        out.clamp_(*clamp)
+    return torch.add(lanes, out, alpha=B, out=out)
 
 
 _COUNT_BATCH = 4
@@ -689,14 +700,10 @@ class GradientBinner:
             for start in range(0, m, _CHUNK):
                 part = e[start : start + _CHUNK]
                 self.partial.append(torch.dot(part, part))
-        if work is None:
+        if work is None:  # u and r stay as they are: the quantizer's backward goes on with them
             work = self.scratch.get("index_values", self.feed_size, self.plan.compute)[:m]
-        v = work  # u and r stay as they are: the quantizer's backward goes on with them
-        torch.lerp(r, u, self.weight, out=v)
-        if not self.inside:
-            v.clamp_(self.low, self.high)
-        torch.add(self.lanes[:m], v, alpha=self.B, out=v)
-        self.index[self.filled : self.filled + m].copy_(v)
+        clamp = None if self.inside else (self.low, self.high)
+        self.index[self.filled : self.filled + m].copy_(_index_values(u, r, work, self.lanes[:m], self.weight, self.B, clamp))
         self.real[self.filled : self.filled + m].copy_(gc)
         self.filled += m
         if self.filled == self.index.numel():
@@ -715,8 +722,8 @@ class GradientBinner:
 
     def result(self) -> GradientBins:
         self._flush()
+        totals = self.accumulated.sum(0)  # before the scratch it lives in is handed back
         self.close()
-        totals = self.accumulated.sum(0)
         score = None
         if self.quantizer is not None:
             # The error was in grid units; scale it back once.
