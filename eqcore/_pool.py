@@ -46,7 +46,7 @@ class OutputPool:
 
     def empty(self, shape: torch.Size | tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
         """An uninitialised contiguous tensor, on recycled storage where the pool has some."""
-        nbytes = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
+        nbytes = math.prod(shape) * dtype.itemsize
         if device.type != "cpu" or _use_count is None or nbytes < self.min_bytes or compiling():
             return torch.empty(shape, dtype=dtype, device=device)
         storage = self._take(dtype, nbytes)

@@ -387,9 +387,10 @@ def observe_backward(output: torch.Tensor, observer: Any) -> bool:
     The backward calls ``observer.begin(dY, 1/s, chunk_size)``, with 1/s None where it offers
     no chunks (per channel, or not on the CPU). When ``begin`` returns a callable, the backward
     calls it with each chunk's flat u = x * (1/s), round(u), dY and x (which it must not modify:
-    the backward goes on with them) and a free scratch of as many elements, in order, then ``observer.end()``, or ``observer.abort()`` if a chunk holds NaN or inf, after
-    which the observer works from dY alone. False when ``output`` does not come from eqcore's
-    fake quantization.
+    the backward goes on with them) and a free scratch of as many elements, in order, then
+    ``observer.end()``, or ``observer.abort()`` if a chunk holds NaN or inf, after which the
+    observer works from dY alone. False when ``output`` does not come from eqcore's fake
+    quantization.
     """
     node = output.grad_fn
     if not isinstance(node, (_LearnableFakeQuantizeFn._backward_cls, _FakeQuantizeFn._backward_cls)):
