@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-import contextlib
 import math
 import warnings
 from collections import defaultdict
-from collections.abc import Iterator
 
 import numpy as np
 import pytest
@@ -27,10 +25,10 @@ from eqcore.hooks import (
     weight_histograms,
 )
 import eqcore.hooks as hooks_module
-import eqcore.quantizers as quantizers_module
 from eqcore.histogram import GradientBinner
 from eqcore.quantizers import EQFakeQuantize, EQLearnableFakeQuantize
 from eqcore.toggles import disable_PTQ_observer
+from fq_kernels import kernel_path
 
 
 def seed_qconfig_mapping(model: nn.Module) -> QConfigMapping:
@@ -461,16 +459,6 @@ def test_sa_score_matches_direct_computation(fx_model: nn.Module) -> None:
         assert result.activations[name].score == pytest.approx(expected, rel=1e-3, abs=1e-30)
 
 
-@contextlib.contextmanager
-def kernel_chunk(size: int) -> Iterator[None]:
-    saved = quantizers_module.CHUNK
-    quantizers_module.CHUNK = size
-    try:
-        yield
-    finally:
-        quantizers_module.CHUNK = saved
-
-
 def sa_results(model: nn.Module) -> dict[str, tuple]:
     """Counts, binned gradients and score of every activation quantizer over three batches."""
     result = run_sensitivity_analysis(model, three_batches(), batches=3, weights=False)
@@ -542,7 +530,7 @@ def test_sa_hooks_leave_every_gradient_of_the_pass_unchanged(cls, score: bool) -
             backward.reset()
         return [xi.grad] + [p.grad for p in model.parameters() if p.grad is not None]
 
-    with kernel_chunk(1 << 16):  # the tensors span several chunks
+    with kernel_path("host", chunk=1 << 16):  # the tensors span several chunks
         plain, hooked = step(False), step(True)
     assert len(plain) == len(hooked) >= 3
     for a, b in zip(plain, hooked):
@@ -556,8 +544,8 @@ def test_sa_falls_back_to_binning_from_x(
     """Where the backward offers no chunks (as on a GPU), or binning them fails (the failure is
     recorded), the gradient is binned from x and dY instead: the same results."""
     if how == "no chunks offered":
-        monkeypatch.setattr(quantizers_module, "_reads_host", lambda t: False)
-        assert_same_results(sa_results(fx_model), tensor_hook_results)
+        with kernel_path("device"):
+            assert_same_results(sa_results(fx_model), tensor_hook_results)
     elif how == "binner fails":
         feed = GradientBinner.feed
 

@@ -7,16 +7,13 @@ computes itself from u = x * (1/s), the grid coordinate the module docstring def
 
 from __future__ import annotations
 
-import contextlib
 import math
-from collections.abc import Iterator
 
 import pytest
 import torch
 from hypothesis import assume, example, given, settings
 from hypothesis import strategies as st
 
-import eqcore.quantizers as quantizers
 from eqcore.quantizers import (
     EQFakeQuantize,
     EQLearnableFakeQuantize,
@@ -28,6 +25,7 @@ from eqcore.quantizers import (
 )
 from eqcore.testing import check_fake_quantize, reference_fake_quantize, run_fake_quantize
 from eqcore._torch_ao import tq
+from fq_kernels import kernel_path
 from strategies_fq import DTYPES, FQCase, fq_cases, grid_span, grid_units, quant_ranges, scales, zero_points
 
 F32_EPS = torch.finfo(torch.float32).eps
@@ -43,22 +41,6 @@ def assert_bits_equal(a: torch.Tensor, b: torch.Tensor, what: str = "") -> None:
     assert a.dtype == b.dtype and a.shape == b.shape, (what, a.dtype, b.dtype, a.shape, b.shape)
     differ = bits(a) != bits(b)
     assert not bool(differ.any()), f"{what}: {int(differ.sum())} elements differ, e.g. {a[differ][:4].tolist()} vs {b[differ][:4].tolist()}"
-
-
-@contextlib.contextmanager
-def kernel_path(path: str, chunk: int | None = None) -> Iterator[None]:
-    """Run the kernels as on the CPU ("host": they read the zero point and each chunk's grid range
-    on the host) or as on any other device ("device": they read nothing back). ``chunk`` shrinks
-    the chunk size so that one small tensor spans several chunks."""
-    saved = quantizers._reads_host, quantizers.CHUNK
-    if path == "device":
-        quantizers._reads_host = lambda t: False
-    if chunk is not None:
-        quantizers.CHUNK = chunk
-    try:
-        yield
-    finally:
-        quantizers._reads_host, quantizers.CHUNK = saved
 
 
 def ours(x, scale, zero_point, quant_min, quant_max, ch_axis, grad_factor):  # noqa: ANN001, ANN201
