@@ -21,6 +21,12 @@ stream. On the CPU, where tensors are host memory and reading one is a plain loa
 uniform zero point (scalar grid bounds save passes) and each chunk's grid range in the
 backward: a chunk with every value inside the grid gets dX = dY with no masks, masks are built
 only for the sides that have values, and only chunks holding NaN or inf take the general path.
+
+A weight quantized per channel (a leaf that requires grad, with a learnable scale) keeps one more
+weight-sized buffer from the forward: each element's factor of dS (round(u) - u inside the grid,
+qmin - z and qmax - z outside), which also tells where dX passes. Its backward is then three
+passes (dX, and dY times the factor summed per channel) instead of recomputing the grid position
+from x. Activations recompute, so training keeps no extra activation-sized tensor.
 """
 
 from __future__ import annotations
@@ -120,38 +126,41 @@ def _host_zero_point(z: torch.Tensor) -> float | None:
     return low if low == high and math.isfinite(low) else None
 
 
-def _chunk_buffers(dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """Room for three CHUNK-sized work rows, kept per thread on the CPU (1 MiB a row in float32)."""
+def _chunk_buffers(dtype: torch.dtype, device: torch.device, size: int | None = None) -> torch.Tensor:
+    """At least ``size`` elements (three CHUNK-sized work rows by default: 1 MiB a row in float32)
+    of scratch, kept per thread on the CPU."""
+    size = 3 * CHUNK if size is None else size
     if device.type != "cpu":
-        return torch.empty(3 * CHUNK, dtype=dtype, device=device)
+        return torch.empty(size, dtype=dtype, device=device)
     cache = getattr(_buffers, "cache", None)
     if cache is None:
         cache = _buffers.cache = {}
     work = cache.get(dtype)
-    if work is None or work.numel() != 3 * CHUNK:
-        work = cache[dtype] = torch.empty(3 * CHUNK, dtype=dtype)
+    if work is None or work.numel() < size:
+        work = cache[dtype] = torch.empty(size, dtype=dtype)
     return work
 
 
-def _chunks(pre: int, channels: int, post: int) -> list[tuple[slice, slice, slice]]:
-    """Contiguous slices of a (pre, channels, post) tensor of at most about CHUNK elements."""
+def _chunks(pre: int, channels: int, post: int, size: int | None = None) -> list[tuple[slice, slice, slice]]:
+    """Contiguous slices of a (pre, channels, post) tensor of at most about ``size`` (CHUNK) elements."""
+    size = CHUNK if size is None else size
     if pre * channels * post == 0:
         return []
-    if channels * post <= CHUNK:
-        rows = max(1, CHUNK // (channels * post))
+    if channels * post <= size:
+        rows = max(1, size // (channels * post))
         return [(slice(p, min(p + rows, pre)), slice(None), slice(None)) for p in range(0, pre, rows)]
-    if post <= CHUNK:
-        width = max(1, CHUNK // post)
+    if post <= size:
+        width = max(1, size // post)
         return [
             (slice(p, p + 1), slice(c, min(c + width, channels)), slice(None))
             for p in range(pre)
             for c in range(0, channels, width)
         ]
     return [
-        (slice(p, p + 1), slice(c, c + 1), slice(t, min(t + CHUNK, post)))
+        (slice(p, p + 1), slice(c, c + 1), slice(t, min(t + size, post)))
         for p in range(pre)
         for c in range(channels)
-        for t in range(0, post, CHUNK)
+        for t in range(0, post, size)
     ]
 
 
@@ -190,6 +199,96 @@ def _fake_quantize_values(
         z_c = z3 if per_tensor else z3[:, cols]
         out.add_(z_c).clamp_(qmin, qmax).sub_(z_c).mul_(s_c)
     return y.to(x.dtype)
+
+
+KEEP_FACTOR = True
+"""Whether learnable per-channel fake quantization of weights stores the factor of dS in the
+forward (_keeps_factor); the tests switch it off to run the recomputing backward."""
+
+
+def _keeps_factor(x: torch.Tensor, axis: int | None, z_host: float | None, qmin: int, qmax: int) -> bool:
+    """Whether the forward also stores each element's factor of dS (_fake_quantize_keeping_factor).
+
+    For a weight quantized per channel: a leaf x that requires grad, which lives across steps
+    anyway, so the factor costs one more weight-sized buffer, and the backward takes three passes
+    instead of eight (each channel's maximum sits on the rounding tie, so every chunk has values
+    above the grid and the recomputing backward builds masks everywhere). An activation's backward
+    recomputes from x, so training keeps no extra activation-sized tensor, and so does a tensor
+    quantized per tensor, whose chunks mostly have nothing clamped and need no masks (measured
+    slower with the factor). CPU only, with a uniform zero point strictly inside [qmin, qmax]: the
+    factors outside the grid (qmin - z, qmax - z) are then at least 1 in magnitude and those
+    inside at most 1/2, so the factor also tells where dX passes.
+    """
+    return (
+        KEEP_FACTOR
+        and axis is not None
+        and x.is_leaf
+        and x.requires_grad
+        and _reads_host(x)
+        and z_host is not None
+        and qmin < z_host < qmax
+    )
+
+
+def _fake_quantize_keeping_factor(
+    x: torch.Tensor, s: torch.Tensor, qmin: int, qmax: int, axis: int, z_host: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """y as _fake_quantize_values makes it, and f: each element's factor of dS.
+
+    f = round(u) - u inside the grid, qmin - z below and qmax - z above it, so that
+    dS = g * sum(dY * f) and dX = dY where |f| < 1. +-inf land outside like any clamped value; a
+    NaN makes f NaN, which the backward's sum shows (it then recomputes from x). The chunks are
+    twice the recomputing path's: with fewer passes per chunk, fewer calls win over cache reuse.
+    """
+    dtype = s.dtype
+    x3 = _as_3d(x.detach(), axis)
+    y = OUTPUT_POOL.empty(x.shape, dtype, x.device)
+    factor = OUTPUT_POOL.empty(x.shape, dtype, x.device)
+    y3, f3 = _as_3d(y, axis), _as_3d(factor, axis)
+    inv, s3 = torch.reciprocal(s).reshape(1, -1, 1), s.reshape(1, -1, 1)
+    lo, hi = qmin - z_host, qmax - z_host
+    size = 2 * CHUNK
+    work = _chunk_buffers(dtype, x.device, 2 * size)
+    for rows, cols, cells in _chunks(*x3.shape, size):
+        xc = x3[rows, cols, cells]
+        n = xc.numel()
+        u, r = work[:n].view(xc.shape), work[n : 2 * n].view(xc.shape)
+        torch.mul(xc, inv[:, cols], out=u)
+        torch.round(u, out=r)
+        _hardtanh_backward.grad_input(u, r, lo - 0.5, hi + 0.5, grad_input=u)  # u inside the grid, 0 outside
+        r.clamp_(lo, hi).add_(0.0)  # the grid value; + 0.0 turns round's -0.0 into +0.0
+        torch.sub(r, u, out=f3[rows, cols, cells])
+        torch.mul(r, s3[:, cols], out=y3[rows, cols, cells])
+    return y.to(x.dtype), factor
+
+
+def _backward_from_factor(
+    factor: torch.Tensor, grad_y: torch.Tensor, axis: int, need_z: bool
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None] | None:
+    """dX, sum(dY * f) and (with need_z) the sum of dY outside the grid, per channel in float64.
+
+    dX is written over f, which nothing reads after this backward (a second backward through a
+    retained graph recomputes from x), and returned on its storage. None when a sum is not
+    finite (a NaN or inf in x or dY): the caller then recomputes from x, which places every such
+    value by the documented policy.
+    """
+    f3, dy3 = _as_3d(factor, axis), _as_3d(grad_y, axis)
+    size = 2 * CHUNK
+    work = _chunk_buffers(factor.dtype, factor.device, 2 * size)
+    sums = 2 if need_z else 1
+    totals = torch.zeros((sums, f3.shape[1]), dtype=torch.float64)
+    for rows, cols, cells in _chunks(*f3.shape, size):
+        fc, dyc = f3[rows, cols, cells], dy3[rows, cols, cells]
+        prods = work[: sums * fc.numel()].view(sums, *fc.shape)
+        torch.mul(dyc, fc, out=prods[0])
+        _hardtanh_backward.grad_input(dyc, fc, -1.0, 1.0, grad_input=fc)  # dX, over f
+        if need_z:
+            torch.sub(dyc, fc, out=prods[1])  # dY outside the grid: exactly dY - dX
+        totals[:, cols] += prods.sum((1, 3))
+    if not bool(torch.isfinite(totals).all()):
+        return None
+    grad_x = torch.empty(0, dtype=factor.dtype).set_(factor.untyped_storage(), 0, factor.shape)
+    return grad_x, totals[0], totals[1] if need_z else None
 
 
 class _Chunk:
@@ -410,14 +509,20 @@ class _LearnableFakeQuantizeFn(torch.autograd.Function):
         quant_max: int,
         axis: int | None,
         grad_factor: float,
+        grad_enabled: bool,
     ) -> torch.Tensor:
         s, z = _qparams(x, scale, zero_point, quant_min, quant_max, axis)
-        ctx.save_for_backward(x, s, z)
         ctx.qrange = (quant_min, quant_max)
         ctx.axis = axis
         ctx.grad_factor = grad_factor
         ctx.z_host = _host_zero_point(z)
         ctx.param_meta = ((scale.shape, scale.dtype), (zero_point.shape, zero_point.dtype))
+        ctx.save_for_backward(x, s, z)
+        ctx.factor = None
+        if grad_enabled and scale.requires_grad and _keeps_factor(x, axis, ctx.z_host, quant_min, quant_max):
+            # Not a saved tensor: the backward writes dX over it, and lets go of it.
+            y, ctx.factor = _fake_quantize_keeping_factor(x, s, quant_min, quant_max, axis, ctx.z_host)
+            return y
         return _fake_quantize_values(x, s, z, quant_min, quant_max, axis, ctx.z_host)
 
     @staticmethod
@@ -426,26 +531,45 @@ class _LearnableFakeQuantizeFn(torch.autograd.Function):
         qmin, qmax = ctx.qrange
         axis, g = ctx.axis, ctx.grad_factor
         need_x, need_s, need_z = ctx.needs_input_grad[:3]
-        grad_inside, sums = _backward(
-            x.detach(), grad_y.to(s.dtype), s, z, qmin, qmax, axis,
-            need_params=need_s or need_z, z_host=ctx.z_host, observer=getattr(ctx, "chunk_observer", None),
-        )
+        observer = getattr(ctx, "chunk_observer", None)
+        grad_dtype, grad_y = grad_y.dtype, grad_y.to(s.dtype)
+        result = None
+        factor, ctx.factor = ctx.factor, None  # dX overwrites it: a retained graph's next backward recomputes
+        if factor is not None and observer is None:
+            result = _backward_from_factor(factor, grad_y, axis, need_z)
+        if result is None:
+            result = _recomputed_sums(
+                *_backward(
+                    x.detach(), grad_y, s, z, qmin, qmax, axis,
+                    need_params=need_s or need_z, z_host=ctx.z_host, observer=observer,
+                ),
+                z, qmin, qmax,
+            )
+        grad_inside, scale_sum, outside = result
         grad_scale = grad_zero_point = None
-        if sums is not None:
-            # dS sums round(u) - u inside, qmin - z below and qmax - z above the grid.
-            below, rounding, above = sums
-            zp = z.reshape(-1).double()
-            if need_s:
-                shape, dtype = ctx.param_meta[0]
-                grad_scale = (below * (qmin - zp) + above * (qmax - zp) - rounding).mul_(g)
-                grad_scale = grad_scale.reshape(shape).to(dtype)
-            if need_z:
-                shape, dtype = ctx.param_meta[1]
-                # rounding * 0 is 0, or NaN in a channel that held a NaN input: dZ carries it too.
-                grad_zero_point = (below + above).mul_(s.reshape(-1).double()).mul_(-g).add_(rounding * 0)
-                grad_zero_point = grad_zero_point.reshape(shape).to(dtype)
-        grad_x = grad_inside.to(grad_y.dtype) if need_x else None
-        return grad_x, grad_scale, grad_zero_point, None, None, None, None
+        if need_s:
+            shape, dtype = ctx.param_meta[0]
+            grad_scale = scale_sum.mul(g).reshape(shape).to(dtype)
+        if need_z:
+            shape, dtype = ctx.param_meta[1]
+            grad_zero_point = outside.mul(s.reshape(-1).double()).mul_(-g).reshape(shape).to(dtype)
+        grad_x = grad_inside.to(grad_dtype) if need_x else None
+        return grad_x, grad_scale, grad_zero_point, None, None, None, None, None
+
+
+def _recomputed_sums(
+    grad_x: torch.Tensor, sums: torch.Tensor | None, z: torch.Tensor, qmin: int, qmax: int
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    """dX, sum(dY * factor of dS) and the sum of dY outside the grid, from _backward's sums.
+
+    The factor is round(u) - u inside, qmin - z below and qmax - z above the grid. The outside sum
+    adds rounding * 0: 0, or NaN in a channel that held a NaN input, so that dZ carries it too.
+    """
+    if sums is None:
+        return grad_x, None, None
+    below, rounding, above = sums
+    zp = z.reshape(-1).double()
+    return grad_x, below * (qmin - zp) + above * (qmax - zp) - rounding, (below + above).add_(rounding * 0)
 
 
 class _FakeQuantizeFn(torch.autograd.Function):
@@ -511,7 +635,9 @@ def learnable_fake_quantize(
     ``ch_axis=None`` quantizes per tensor (one scale); otherwise per channel along ``ch_axis``.
     """
     axis = _check_call(x, scale, zero_point, quant_min, quant_max, ch_axis)
-    return _LearnableFakeQuantizeFn.apply(x, scale, zero_point, quant_min, quant_max, axis, float(grad_factor))
+    return _LearnableFakeQuantizeFn.apply(
+        x, scale, zero_point, quant_min, quant_max, axis, float(grad_factor), torch.is_grad_enabled()
+    )
 
 
 def fake_quantize(

@@ -1,4 +1,4 @@
-"""Run eqcore's fake-quant kernels on either of their paths, from the tests."""
+"""Run eqcore's fake-quant kernels on any of their paths, from the tests."""
 
 from __future__ import annotations
 
@@ -7,18 +7,26 @@ from collections.abc import Iterator
 
 import eqcore.quantizers as quantizers
 
+PATHS = ("host", "recompute", "device")
+
 
 @contextlib.contextmanager
 def kernel_path(path: str, chunk: int | None = None) -> Iterator[None]:
     """Run the kernels as on the CPU ("host": they read the zero point and each chunk's grid range
-    on the host) or as on any other device ("device": they read nothing back). ``chunk`` shrinks
-    the chunk size so that one small tensor spans several chunks."""
-    saved = quantizers._reads_host, quantizers.CHUNK
+    on the host, and a weight quantized per channel keeps its factor of dS from the forward), as on
+    the CPU with every backward recomputing from x ("recompute"), or as on any other device
+    ("device": they read nothing back). ``chunk`` shrinks the chunk size so that one small tensor
+    spans several chunks."""
+    if path not in PATHS:
+        raise ValueError(f"unknown kernel path {path!r}; use one of {PATHS}")
+    saved = quantizers._reads_host, quantizers.CHUNK, quantizers.KEEP_FACTOR
     if path == "device":
         quantizers._reads_host = lambda t: False
+    if path == "recompute":
+        quantizers.KEEP_FACTOR = False
     if chunk is not None:
         quantizers.CHUNK = chunk
     try:
         yield
     finally:
-        quantizers._reads_host, quantizers.CHUNK = saved
+        quantizers._reads_host, quantizers.CHUNK, quantizers.KEEP_FACTOR = saved

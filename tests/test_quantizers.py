@@ -25,7 +25,7 @@ from eqcore.quantizers import (
 )
 from eqcore.testing import check_fake_quantize, reference_fake_quantize, run_fake_quantize
 from eqcore._torch_ao import tq
-from fq_kernels import kernel_path
+from fq_kernels import PATHS, kernel_path
 from strategies_fq import DTYPES, FQCase, fq_cases, grid_span, grid_units, quant_ranges, scales, zero_points
 
 F32_EPS = torch.finfo(torch.float32).eps
@@ -106,7 +106,7 @@ def checker_agrees_on_grid_coordinate(case: FQCase) -> bool:
     return torch.equal(torch.round(case.x / s), torch.round(case.x * torch.reciprocal(s)))
 
 
-@pytest.mark.parametrize("path", ["host", "device"])
+@pytest.mark.parametrize("path", PATHS)
 @given(case=fq_cases(), grad_factor=st.sampled_from([1.0, 0.5, 0.013, None]))
 def test_learnable_matches_reference_checker(path: str, case: FQCase, grad_factor: float | None) -> None:
     with kernel_path(path):
@@ -484,6 +484,173 @@ def test_host_and_device_kernels_agree_bit_for_bit_across_chunks(dtype, ch_axis,
         assert bool(host[2].isnan().any()) and bool(host[3].isnan().any())
         if ch_axis is not None:
             assert not bool(host[2].isnan().all())
+
+
+# ---------------------------------------------------------------------------------------------
+# A weight quantized per channel keeps each element's factor of dS from the forward.
+
+
+def weight_step(
+    x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, qmin: int, qmax: int, ch_axis: int | None,
+    dy: torch.Tensor, *, learn_zero_point: bool = False,
+) -> tuple[bool, torch.Tensor, tuple[torch.Tensor, ...]]:
+    """One step on a weight (a leaf that requires grad): (kept the factor?, y, (dX, dS[, dZ]))."""
+    xg = x.clone().requires_grad_(True)
+    sg, zg = scale.clone().requires_grad_(True), zero_point.clone().requires_grad_(learn_zero_point)
+    y = learnable_fake_quantize(xg, sg, zg, qmin, qmax, ch_axis=ch_axis, grad_factor=0.25)
+    kept = y.grad_fn.factor is not None
+    grads = torch.autograd.grad(y, (xg, sg, zg) if learn_zero_point else (xg, sg), dy)
+    return kept, y.detach(), grads
+
+
+def assert_factor_path_agrees(case: FQCase, dy: torch.Tensor, *, learn_zero_point: bool, chunk: int | None) -> None:
+    """y and dX bit for bit as the backward that recomputes from x; dS and dZ within float32
+    summation error of the float64 sums (the factor sums dY * f in one pass, the recomputing
+    backward sums inside and outside apart)."""
+    args = (case.x, case.scale, case.zero_point, case.quant_min, case.quant_max, case.ch_axis, dy)
+    with kernel_path("host", chunk=chunk):
+        kept, y, grads = weight_step(*args, learn_zero_point=learn_zero_point)
+    with kernel_path("recompute", chunk=chunk):
+        recomputed, y_r, grads_r = weight_step(*args, learn_zero_point=learn_zero_point)
+    assert kept and not recomputed
+    assert_bits_equal(y, y_r, "y")
+    assert_bits_equal(grads[0], grads_r[0], "dX")
+    z = case.z64()
+    bound = torch.maximum((case.quant_min - z).abs(), (case.quant_max - z).abs()).clamp_min(0.5)
+    dy64 = dy.double().abs()
+    tol_s = summation_tol(dy64 * bound, case) * 0.25 * 2
+    assert bool(((grads[1].double() - grads_r[1].double()).abs() <= tol_s).all()), (grads[1], grads_r[1])
+    if learn_zero_point:
+        tol_z = summation_tol(dy64, case) * case.scale.double() * 0.25 * 2
+        assert bool(((grads[2].double() - grads_r[2].double()).abs() <= tol_z).all()), (grads[2], grads_r[2])
+
+
+@settings(max_examples=60)
+@given(
+    case=fq_cases(per_channel=True, symmetric=True),
+    learn_zero_point=st.booleans(),
+    chunk=st.sampled_from([None, 8]),
+)
+def test_weight_keeps_its_factor_of_ds_and_gets_the_recomputed_gradients(case: FQCase, learn_zero_point: bool, chunk: int | None) -> None:
+    """Symmetric weights of every range down to 2 bits ([-1, 1]: the outside factors are +-1, the
+    smallest that still tell dX apart), any axis, every dtype; ``chunk`` 8 splits channels across
+    chunks."""
+    assert_factor_path_agrees(case, grad_y_for(case.x), learn_zero_point=learn_zero_point, chunk=chunk)
+
+
+def factor_case_x(dtype: torch.dtype) -> torch.Tensor:
+    """A (3, 2, 5) weight for the grid [0, 15] with z = 3 (u from -3 to 12 inside): ties on both
+    edges and inside, values just beyond the edges, far beyond them, and +-inf."""
+    u = torch.tensor(
+        [
+            [[-3.5, -2.5, 12.5, 11.5, 0.5], [1.5, -0.5, -3.0, 12.0, 7.25]],
+            [[-3.51, 12.49, -40.0, 300.0, 2.5], [math.inf, -math.inf, 0.0, -0.0, 5.75]],
+            [[12.51, -3.49, 6.5, -1.5, 9.0], [4.0, 3.3, -2.2, 11.1, 0.01]],
+        ],
+        dtype=torch.float64,
+    )
+    return (u * 0.5).to(dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("ch_axis", [0, 1, -1])
+@pytest.mark.parametrize("learn_zero_point", [True, False])
+def test_weight_factor_path_with_affine_zero_point_ties_and_inf(dtype, ch_axis, learn_zero_point) -> None:  # noqa: ANN001
+    """+-inf stay on the factor path (they land outside the grid like any clamped value)."""
+    x = factor_case_x(dtype)
+    channels = x.shape[ch_axis]
+    case = FQCase(x, torch.full((channels,), 0.5), torch.full((channels,), 3.0), 0, 15, ch_axis)
+    for chunk in (None, 4):
+        assert_factor_path_agrees(case, grad_y_for(x), learn_zero_point=learn_zero_point, chunk=chunk)
+
+
+@pytest.mark.parametrize("where", ["x", "dy"])
+def test_weight_factor_path_recomputes_from_x_when_a_nan_appears(where: str) -> None:
+    """A NaN in x or dY makes the factor's sums NaN: the backward then recomputes from x, so every
+    gradient is the recomputing path's, bit for bit (NaN dS and dZ in its channel only, dX = 0
+    for a NaN input)."""
+    x, dy = factor_case_x(torch.float32), grad_y_for(factor_case_x(torch.float32))
+    (x if where == "x" else dy)[1, 0, 2] = math.nan
+    args = (x, torch.full((3,), 0.5), torch.full((3,), 3.0), 0, 15, 0, dy)
+    with kernel_path("host", chunk=4):
+        kept, y, grads = weight_step(*args, learn_zero_point=True)
+    with kernel_path("recompute", chunk=4):
+        _, y_r, grads_r = weight_step(*args, learn_zero_point=True)
+    assert kept
+    for name, a, b in zip(("y", "dX", "dS", "dZ"), (y, *grads), (y_r, *grads_r)):
+        assert_bits_equal(a, b, name)
+    assert bool(grads[1][1].isnan()) and not bool(grads[1][[0, 2]].isnan().any())
+    assert bool(grads[2][1].isnan()) and not bool(grads[2][[0, 2]].isnan().any())
+
+
+def test_weight_factor_path_second_backward_through_a_retained_graph() -> None:
+    """The first backward writes dX over the factor; a second one (retain_graph) recomputes from x
+    and gives the same gradients, leaving the first dX untouched."""
+    torch.manual_seed(2)
+    x = (torch.randn(6, 4, 3) * 0.2).clamp(-1.2, 1.2)  # inside the grid, |u| <= 120
+    x[:, 0, 0] = 2.0  # u = 200: above each channel's grid
+    scale = torch.full((6,), 0.01)
+    xg, sg = x.clone().requires_grad_(True), scale.clone().requires_grad_(True)
+    y = learnable_fake_quantize(xg, sg, torch.zeros(6), -128, 127, ch_axis=0)
+    assert y.grad_fn.factor is not None
+    dy = grad_y_for(x)
+    dx1, ds1 = torch.autograd.grad(y, (xg, sg), dy, retain_graph=True)
+    kept = dx1.clone()
+    dx2, ds2 = torch.autograd.grad(y, (xg, sg), dy)
+    assert_bits_equal(dx2, dx1, "dX of the second backward")
+    assert_bits_equal(dx1, kept, "the first dX after the second backward")
+    assert torch.allclose(ds2, ds1, rtol=1e-5, atol=0.0)
+    assert bool((dx1[:, 0, 0] == 0).all()) and bool((dx1[:, 1:] == dy[:, 1:]).all())
+
+
+def test_weight_gradients_accumulate_across_steps() -> None:
+    """dX lives on the factor's recycled storage: a step that accumulates into x.grad must not get
+    that storage back for its own factor or output while x.grad holds it."""
+    torch.manual_seed(5)
+    w = torch.nn.Parameter(torch.randn(8, 16) * 0.1)
+    scale = torch.nn.Parameter(w.detach().abs().amax(1) / 127.5)
+    dy = torch.randn(8, 16)
+    grads = []
+    for _ in range(3):
+        learnable_fake_quantize(w, scale, torch.zeros(8), -128, 127, ch_axis=0).backward(dy)
+        grads.append((w.grad.clone(), scale.grad.clone()))
+    assert_bits_equal(grads[1][0], grads[0][0] * 2, "dX after two steps")
+    assert_bits_equal(grads[2][0], grads[0][0] * 3, "dX after three steps")
+    assert torch.allclose(grads[2][1], grads[0][1] * 3, rtol=1e-6)
+
+
+def test_which_quantizations_keep_the_factor(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Only a weight quantized per channel on the CPU, with a uniform zero point strictly inside
+    the range and a learnable scale: an activation (not a leaf), a per-tensor quantization, a zero
+    point at qmin or qmax (its outside factor 0 could not be told from the inside ones), a frozen
+    weight or scale, and anything under no_grad recompute from x instead."""
+    w = torch.randn(4, 6)
+    scale, zeros = torch.full((4,), 0.02), torch.zeros(4)
+
+    def keeps(x, s=scale, z=zeros, qrange=(-128, 127), ch_axis=0):  # noqa: ANN001, ANN202
+        y = learnable_fake_quantize(x, s, z, *qrange, ch_axis=ch_axis)
+        return y.grad_fn.factor is not None
+
+    leaf, learnable = w.clone().requires_grad_(True), scale.clone().requires_grad_(True)
+    assert keeps(leaf, learnable)
+    assert keeps(leaf, learnable, torch.full((4,), 7.0), (0, 255))
+    assert not keeps(leaf * 1, learnable)
+    assert not keeps(leaf, learnable[:1], zeros[:1], ch_axis=None)
+    assert not keeps(leaf, learnable, zeros, (0, 255))  # z = qmin
+    assert not keeps(leaf, learnable, torch.full((4,), 255.0), (0, 255))  # z = qmax
+    assert not keeps(leaf, learnable, torch.tensor([0.0, 1, 0, 0]))  # not uniform
+    assert not keeps(w.clone(), learnable)  # a frozen weight
+    assert not keeps(leaf, scale)  # a frozen scale
+    with kernel_path("device"):
+        assert not keeps(leaf, learnable)
+
+    def fail(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
+        raise AssertionError("the factor was computed under no_grad")
+
+    monkeypatch.setattr("eqcore.quantizers._fake_quantize_keeping_factor", fail)
+    with torch.no_grad():
+        y = learnable_fake_quantize(leaf, learnable, zeros, -128, 127, ch_axis=0)
+    assert_bits_equal(y, learnable_fake_quantize(leaf.detach(), scale, zeros, -128, 127, ch_axis=0), "y under no_grad")
 
 
 @pytest.mark.parametrize("ch_axis", [None, 1])
