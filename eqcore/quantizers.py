@@ -22,11 +22,12 @@ uniform zero point (scalar grid bounds save passes) and each chunk's grid range 
 backward: a chunk with every value inside the grid gets dX = dY with no masks, masks are built
 only for the sides that have values, and only chunks holding NaN or inf take the general path.
 
-A weight quantized per channel (a leaf that requires grad, with a learnable scale) keeps one more
-weight-sized buffer from the forward: each element's factor of dS (round(u) - u inside the grid,
+A tensor quantized per channel with a learnable scale (a weight, in practice) keeps one more
+buffer of its size from the forward: each element's factor of dS (round(u) - u inside the grid,
 qmin - z and qmax - z outside), which also tells where dX passes. Its backward is then three
 passes (dX, and dY times the factor summed per channel) instead of recomputing the grid position
-from x. Activations recompute, so training keeps no extra activation-sized tensor.
+from x. Per-tensor quantization (activations, in practice) recomputes, so training keeps no extra
+activation-sized tensor.
 """
 
 from __future__ import annotations
@@ -209,25 +210,17 @@ forward (_keeps_factor); the tests switch it off to run the recomputing backward
 def _keeps_factor(x: torch.Tensor, axis: int | None, z_host: float | None, qmin: int, qmax: int) -> bool:
     """Whether the forward also stores each element's factor of dS (_fake_quantize_keeping_factor).
 
-    For a weight quantized per channel: a leaf x that requires grad, which lives across steps
-    anyway, so the factor costs one more weight-sized buffer, and the backward takes three passes
-    instead of eight (each channel's maximum sits on the rounding tie, so every chunk has values
-    above the grid and the recomputing backward builds masks everywhere). An activation's backward
-    recomputes from x, so training keeps no extra activation-sized tensor, and so does a tensor
-    quantized per tensor, whose chunks mostly have nothing clamped and need no masks (measured
-    slower with the factor). CPU only, with a uniform zero point strictly inside [qmin, qmax]: the
-    factors outside the grid (qmin - z, qmax - z) are then at least 1 in magnitude and those
-    inside at most 1/2, so the factor also tells where dX passes.
+    For tensors quantized per channel, in practice weights (a parameter, or a conv's weight scaled
+    by its folded batch norm in QAT): the factor costs one buffer of x's size between forward and
+    backward, and the backward takes three passes instead of eight (each channel's maximum sits on
+    the rounding tie, so every chunk has values above the grid and the recomputing backward builds
+    masks everywhere). Tensors quantized per tensor, activations in practice, recompute from x:
+    their chunks mostly have nothing clamped and need no masks (measured slower with the factor),
+    and training keeps no extra activation-sized tensor. CPU only, with a uniform zero point
+    strictly inside [qmin, qmax]: the factors outside the grid (qmin - z, qmax - z) are then at
+    least 1 in magnitude and those inside at most 1/2, so the factor also tells where dX passes.
     """
-    return (
-        KEEP_FACTOR
-        and axis is not None
-        and x.is_leaf
-        and x.requires_grad
-        and _reads_host(x)
-        and z_host is not None
-        and qmin < z_host < qmax
-    )
+    return KEEP_FACTOR and axis is not None and _reads_host(x) and z_host is not None and qmin < z_host < qmax
 
 
 def _fake_quantize_keeping_factor(

@@ -102,6 +102,51 @@ def test_seed_qconfig_loop_resnet18_qat_forward_backward() -> None:
     assert any(bool(q.scale.grad.abs().sum() > 0) for q in quantizers)
 
 
+def test_qat_step_on_resnet18_with_weights_keeping_their_factor_of_ds() -> None:
+    """In QAT every conv weight (scaled by its folded batch norm) is quantized per channel, so its
+    quantizer keeps the factor of dS from the forward. A training step gives the gradients of the
+    backward that recomputes from x: every parameter's bit for bit, but the weight quantizers'
+    scales within float32 summation error (the factor sums their dS in one pass)."""
+    from fq_kernels import kernel_path
+
+    x = image_batch(32)
+    grads = {}
+    factors = []
+    keeping = quantizers._fake_quantize_keeping_factor
+
+    def counted(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
+        factors.append(args[0].shape)
+        return keeping(*args, **kwargs)
+
+    for path in ("host", "recompute"):
+        model = seed_qconfig_model(EQLearnableFakeQuantize, tq.MovingAverageMinMaxObserver)
+        model.apply(enable_fake_quant)
+        model.apply(enable_PTQ_observer)
+        with torch.no_grad():
+            model(x)
+        model.apply(disable_PTQ_observer)
+        for module in model.modules():
+            if isinstance(module, EQLearnableFakeQuantize):
+                module.enable_param_learning()
+        with kernel_path(path):
+            quantizers._fake_quantize_keeping_factor = counted
+            try:
+                model(x).square().mean().backward()
+            finally:
+                quantizers._fake_quantize_keeping_factor = keeping
+        grads[path] = {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
+    assert len(factors) == 20  # every conv weight (conv and batch norm folded), on the host path only
+    assert grads["host"].keys() == grads["recompute"].keys()
+    weight_scales = {name for name in grads["host"] if name.endswith("weight_fake_quant.scale")}
+    assert len(weight_scales) == 20
+    for name, got in grads["host"].items():
+        want = grads["recompute"][name]
+        if name in weight_scales:
+            assert torch.allclose(got, want, rtol=1e-4, atol=1e-6 * float(want.abs().max())), name
+        else:
+            assert torch.equal(got, want), name
+
+
 def test_seed_qconfig_loop_resnet18_matches_torch_learnable() -> None:
     """The same prepared model with torch's _LearnableFakeQuantize: bit-identical logits and qparams.
 

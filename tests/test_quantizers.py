@@ -487,14 +487,14 @@ def test_host_and_device_kernels_agree_bit_for_bit_across_chunks(dtype, ch_axis,
 
 
 # ---------------------------------------------------------------------------------------------
-# A weight quantized per channel keeps each element's factor of dS from the forward.
+# A tensor quantized per channel (a weight) keeps each element's factor of dS from the forward.
 
 
 def weight_step(
     x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, qmin: int, qmax: int, ch_axis: int | None,
     dy: torch.Tensor, *, learn_zero_point: bool = False,
 ) -> tuple[bool, torch.Tensor, tuple[torch.Tensor, ...]]:
-    """One step on a weight (a leaf that requires grad): (kept the factor?, y, (dX, dS[, dZ]))."""
+    """One step on a weight: (kept the factor?, y, (dX, dS[, dZ]))."""
     xg = x.clone().requires_grad_(True)
     sg, zg = scale.clone().requires_grad_(True), zero_point.clone().requires_grad_(learn_zero_point)
     y = learnable_fake_quantize(xg, sg, zg, qmin, qmax, ch_axis=ch_axis, grad_factor=0.25)
@@ -620,10 +620,11 @@ def test_weight_gradients_accumulate_across_steps() -> None:
 
 
 def test_which_quantizations_keep_the_factor(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Only a weight quantized per channel on the CPU, with a uniform zero point strictly inside
-    the range and a learnable scale: an activation (not a leaf), a per-tensor quantization, a zero
-    point at qmin or qmax (its outside factor 0 could not be told from the inside ones), a frozen
-    weight or scale, and anything under no_grad recompute from x instead."""
+    """Per channel on the CPU, with a uniform zero point strictly inside the range and a learnable
+    scale, whatever x is (a parameter, a weight scaled by a folded batch norm, a frozen weight).
+    A per-tensor quantization, a zero point at qmin or qmax (its outside factor 0 could not be
+    told from the inside ones), per-channel zero points that differ, a frozen scale, another
+    device, and anything under no_grad recompute from x instead."""
     w = torch.randn(4, 6)
     scale, zeros = torch.full((4,), 0.02), torch.zeros(4)
 
@@ -633,13 +634,13 @@ def test_which_quantizations_keep_the_factor(monkeypatch: pytest.MonkeyPatch) ->
 
     leaf, learnable = w.clone().requires_grad_(True), scale.clone().requires_grad_(True)
     assert keeps(leaf, learnable)
+    assert keeps(leaf * torch.rand(4, 1), learnable)  # folded batch norm
+    assert keeps(w.clone(), learnable)  # a frozen weight
     assert keeps(leaf, learnable, torch.full((4,), 7.0), (0, 255))
-    assert not keeps(leaf * 1, learnable)
     assert not keeps(leaf, learnable[:1], zeros[:1], ch_axis=None)
     assert not keeps(leaf, learnable, zeros, (0, 255))  # z = qmin
     assert not keeps(leaf, learnable, torch.full((4,), 255.0), (0, 255))  # z = qmax
     assert not keeps(leaf, learnable, torch.tensor([0.0, 1, 0, 0]))  # not uniform
-    assert not keeps(w.clone(), learnable)  # a frozen weight
     assert not keeps(leaf, scale)  # a frozen scale
     with kernel_path("device"):
         assert not keeps(leaf, learnable)
