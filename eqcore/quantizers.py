@@ -122,6 +122,9 @@ def _host_zero_point(z: torch.Tensor) -> float | None:
     """The rounded zero point as a Python number, when the host may read it and all channels share it."""
     if not _reads_host(z) or z.numel() == 0:
         return None
+    if z.numel() == 1:
+        value = z.item()
+        return value if math.isfinite(value) else None
     low, high = torch.aminmax(z.reshape(-1))
     low, high = low.item(), high.item()
     return low if low == high and math.isfinite(low) else None
@@ -324,10 +327,8 @@ def _grid_sums(chunk: _Chunk, lo: float, hi: float, below: bool, above: bool, dy
         part = sums.next_part()
         torch.dot(dy_inside.reshape(-1), rows[1].reshape(-1), out=part[1])
         for index in (0, 2):
-            if first <= index < last:
+            if first <= index < last:  # the part of a side without values stays 0
                 torch.sum(rows[index].reshape(-1), 0, out=part[index])
-            else:
-                part[index] = 0.0
         return
     rows[1].mul_(dy_inside)
     sums.pending.append((first, last, sums.cols, rows[first:last].sum((1, 3))))
@@ -342,7 +343,7 @@ class _Sums:
         self.index = 0
         self.per_channel = channels is not None
         if channels is None:
-            self.parts = torch.empty((chunks, 3), dtype=dtype, device=device)
+            self.parts = torch.zeros((chunks, 3), dtype=dtype, device=device)
         else:
             self.channels, self.device = channels, device
             self.pending: list[tuple[int, int, slice, torch.Tensor]] = []
