@@ -3,7 +3,9 @@
 Both run on the same input, interleaved repeat by repeat (so drift in the machine's speed hits
 both alike). Prints each one's median time, the speedup as the ratio of medians and as the
 median of the per-repeat ratios (torch / ours, > 1 means ours is faster), and a clone() of the
-input as the memory-bandwidth floor. Run: python benchmarks/bench_fake_quant.py [--threads 2]
+input as the memory-bandwidth floor. Then the same for three small tensors, where the fixed
+per-call work (Python, autograd, about 0.3 ms for ours) outweighs the kernels.
+Run: python benchmarks/bench_fake_quant.py [--threads 2]
 """
 
 from __future__ import annotations
@@ -84,21 +86,34 @@ def main() -> None:
     print(f"torch {torch.__version__}, torch.set_num_threads({args.threads}), median of {args.repeats}, CPU")
     print(f"{'case':58s} {'clone ms':>9s} {'torch ms':>9s} {'ours ms':>9s} {'speedup':>8s} {'per-repeat':>10s}")
     for name, (case, data) in cases.items():
-        runs = {}
-        grad = torch.randn_like(data)
-        for label, cls in (("torch", _LearnableFakeQuantize), ("ours", EQLearnableFakeQuantize)):
-            fq = make_quantizer(cls, case, data.shape[0])
-            fq(data)  # calibrate qparams with the observer, then learn them as in QAT
-            fq.enable_param_learning()
-            runs[label] = forward_backward(fq, data.clone().requires_grad_(), grad)
-        timings = interleaved_ms(runs, args.repeats)
-        clone = median_ms(data.clone, args.repeats)
-        ratio = timings["torch"][0] / timings["ours"][0]
-        pairs = statistics.median(t / o for t, o in zip(timings["torch"][1:], timings["ours"][1:]))
-        print(
-            f"{name:58s} {clone:9.2f} {timings['torch'][0]:9.2f} {timings['ours'][0]:9.2f} "
-            f"{ratio:7.2f}x {pairs:9.2f}x"
-        )
+        report(name, case, data, args.repeats)
+    print(f"small tensors, where the per-call work outweighs the kernels (median of {args.repeats * 10}):")
+    small = {
+        "weight 64x64x3x3, per-channel symmetric int8": ("weight", torch.randn(64, 64, 3, 3) * 0.05),
+        "weight 128x64x1x1, per-channel symmetric int8": ("weight", torch.randn(128, 64, 1, 1) * 0.05),
+        "activation 1x64x14x14, per-tensor affine uint8": ("act", torch.randn(1, 64, 14, 14) * 2 + 1),
+    }
+    for name, (case, data) in small.items():
+        report(name, case, data, args.repeats * 10)
+
+
+def report(name: str, case: str, data: torch.Tensor, repeats: int) -> None:
+    """One line: clone, torch and ours (median ms of interleaved repeats) and the speedups."""
+    runs = {}
+    grad = torch.randn_like(data)
+    for label, cls in (("torch", _LearnableFakeQuantize), ("ours", EQLearnableFakeQuantize)):
+        fq = make_quantizer(cls, case, data.shape[0])
+        fq(data)  # calibrate qparams with the observer, then learn them as in QAT
+        fq.enable_param_learning()
+        runs[label] = forward_backward(fq, data.clone().requires_grad_(), grad)
+    timings = interleaved_ms(runs, repeats)
+    clone = median_ms(data.clone, repeats)
+    ratio = timings["torch"][0] / timings["ours"][0]
+    pairs = statistics.median(t / o for t, o in zip(timings["torch"][1:], timings["ours"][1:]))
+    print(
+        f"{name:58s} {clone:9.3f} {timings['torch'][0]:9.3f} {timings['ours'][0]:9.3f} "
+        f"{ratio:7.2f}x {pairs:9.2f}x"
+    )
 
 
 if __name__ == "__main__":
