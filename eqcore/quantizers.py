@@ -233,8 +233,9 @@ def _fake_quantize_keeping_factor(
 
     f = round(u) - u inside the grid, qmin - z below and qmax - z above it, so that
     dS = g * sum(dY * f) and dX = dY where |f| < 1. +-inf land outside like any clamped value; a
-    NaN makes f NaN, which the backward's sum shows (it then recomputes from x). The chunks are
-    twice the recomputing path's: with fewer passes per chunk, fewer calls win over cache reuse.
+    NaN makes f NaN, which the backward's sum shows (it then recomputes from x). Each chunk works
+    in its own part of f and y, so its passes touch three buffers, and the chunks are twice the
+    recomputing path's: with fewer passes per chunk, fewer calls win over cache reuse.
     """
     dtype = s.dtype
     x3 = _as_3d(x.detach(), axis)
@@ -243,18 +244,14 @@ def _fake_quantize_keeping_factor(
     y3, f3 = _as_3d(y, axis), _as_3d(factor, axis)
     inv, s3 = torch.reciprocal(s).reshape(1, -1, 1), s.reshape(1, -1, 1)
     lo, hi = qmin - z_host, qmax - z_host
-    size = 2 * CHUNK
-    work = _chunk_buffers(dtype, x.device, 2 * size)
-    for rows, cols, cells in _chunks(*x3.shape, size):
-        xc = x3[rows, cols, cells]
-        n = xc.numel()
-        u, r = work[:n].view(xc.shape), work[n : 2 * n].view(xc.shape)
-        torch.mul(xc, inv[:, cols], out=u)
+    for rows, cols, cells in _chunks(*x3.shape, 2 * CHUNK):
+        u, r = f3[rows, cols, cells], y3[rows, cols, cells]  # u in f's chunk, round(u) in y's
+        torch.mul(x3[rows, cols, cells], inv[:, cols], out=u)
         torch.round(u, out=r)
         _hardtanh_backward.grad_input(u, r, lo - 0.5, hi + 0.5, grad_input=u)  # u inside the grid, 0 outside
         r.clamp_(lo, hi).add_(0.0)  # the grid value; + 0.0 turns round's -0.0 into +0.0
-        torch.sub(r, u, out=f3[rows, cols, cells])
-        torch.mul(r, s3[:, cols], out=y3[rows, cols, cells])
+        torch.sub(r, u, out=u)
+        r.mul_(s3[:, cols])
     return y.to(x.dtype), factor
 
 
