@@ -190,6 +190,7 @@ def _fake_quantize_values(
     x3 = _as_3d(x.detach(), axis)
     y = OUTPUT_POOL.empty(x.shape, dtype, x.device)
     y3 = _as_3d(y, axis)  # a view for the chunks; y itself is returned, so it is not a view
+    # 3-d qparams, never 0-d: a 0-d float32 1/s would let a float16 x multiply in float16.
     inv = torch.reciprocal(s).reshape(1, -1, 1)
     s3, z3 = s.reshape(1, -1, 1), z.reshape(1, -1, 1)
     per_tensor = axis is None
