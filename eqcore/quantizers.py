@@ -263,8 +263,8 @@ def _backward_from_factor(
 
     dX is written over f, which nothing reads after this backward (a second backward through a
     retained graph recomputes from x), and returned on its storage. None when a sum is not
-    finite (a NaN or inf in x or dY): the caller then recomputes from x, which places every such
-    value by the documented policy.
+    finite (a NaN in x, a NaN or inf in dY): the caller then recomputes from x, which places
+    every such value by the documented policy (+-inf in x are outside factors, finite).
     """
     f3, dy3 = _as_3d(factor, axis), _as_3d(grad_y, axis)
     size = 2 * CHUNK
