@@ -752,18 +752,19 @@ def gradient_binner(
     count: bool = False,
     scratch: _Scratch | None = None,
     feed_size: int = _CHUNK,
+    plan: _Plan | None = None,
 ) -> GradientBinner | None:
     """A :class:`GradientBinner` for ``x``'s gradient, or None where the chunked path does not
     apply (not on the CPU, per channel, non-finite or huge values, a feed size that is not a
     multiple of ``_CHUNK`` dividing ``_SCATTER``): use :func:`bin_gradient` then. Without
     ``scratch`` the binner leases the thread's buffers until :meth:`GradientBinner.result` or
-    :meth:`GradientBinner.close`.
+    :meth:`GradientBinner.close`. ``plan`` is ``_Plan.build(x, qgrid)`` where the caller has it.
     """
     x = x.detach()
     per_tensor = qgrid.ch_axis is None and (quantizer is None or quantizer.ch_axis is None)
     if not (x.numel() and x.device.type == "cpu" and per_tensor and feed_size % _CHUNK == 0 and _SCATTER % feed_size == 0):
         return None
-    plan = _Plan.build(x, qgrid)
+    plan = plan if plan is not None else _Plan.build(x, qgrid)
     scan = scan if scan is not None else scan_values(x)
     if not scan.fast_for(plan):
         return None
@@ -834,12 +835,12 @@ def bin_gradient(
             f"gradient of shape {tuple(grad.shape)} does not belong to a forward value of shape {tuple(x.shape)}"
         )
     grid = qgrid.grid
+    plan = _Plan.build(x, qgrid)
     with _ScratchLease() as scratch:
-        binner = gradient_binner(x, qgrid, quantizer=quantizer, scan=scan, count=count, scratch=scratch)
+        binner = gradient_binner(x, qgrid, quantizer=quantizer, scan=scan, count=count, scratch=scratch, plan=plan)
         if binner is not None:
             channels_last = is_channels_last(x)
             return _bin_gradient_chunked(binner, flatten_as(x, channels_last), flatten_as(grad, channels_last), scratch)
-    plan = _Plan.build(x, qgrid)
     index, lows, highs = _index_robust(x, plan, grid)
     index = index.reshape(-1)
     sums = torch.bincount(index, weights=grad.reshape(-1).double(), minlength=grid.n_bins + 1)
