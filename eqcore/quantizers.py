@@ -368,7 +368,7 @@ def _chunk_by_range(
     qmax: int,
     sums: _Sums | None,
     feed: Callable[..., None] | None = None,
-) -> bool:
+) -> str | None:
     """The backward of one chunk, steered by its grid range read on the host (CPU only).
 
     u = x * (1/s) and round(u) as the forward computes them; the minimum and maximum grid
@@ -376,6 +376,8 @@ def _chunk_by_range(
     and the rounding sum is dot(dY, u - round(u)); otherwise masks are built for the sides that
     have elements only. A chunk holding NaN or inf returns False, for the exact general path.
     ``sums`` receives the sums (None: dX only); ``feed`` gets u, round(u), dY and x first.
+    Returns "inside" where every value is inside the grid (dX is dY: the chunk's dX is left
+    unwritten), "masked" where dX was written, None for the exact path.
     """
     position, residual = chunk.position, chunk.residual
     torch.mul(chunk.x, inv, out=residual)
@@ -391,16 +393,13 @@ def _chunk_by_range(
         lo, hi = qmin - z_host - 0.5, qmax - z_host + 0.5
     low, high = (v.item() for v in torch.aminmax(position))
     if not (math.isfinite(low) and math.isfinite(high)):
-        return False
+        return None
     below, above = low < lo, high > hi
     if below or above:
         _hardtanh_backward.grad_input(chunk.dy, position, lo, hi, grad_input=chunk.dx)
-    else:
-        chunk.dx.copy_(chunk.dy)
-    if sums is not None:
-        # All inside, dX is dY: the rounding sum reads dY and leaves dX to the copy.
+    if sums is not None:  # all inside, dX is dY: the rounding sum reads dY
         _grid_sums(chunk, lo, hi, below, above, chunk.dx if below or above else chunk.dy, sums)
-    return True
+    return "masked" if below or above else "inside"
 
 
 def _chunk_exact(chunk: _Chunk, inv: torch.Tensor, z: torch.Tensor, qmin: int, qmax: int, sums: _Sums | None) -> None:
@@ -441,7 +440,8 @@ def _backward(
     kernels do): u = x * (1/s), q = round(u) + z. rounding sums dY * (u - round(u)) inside the
     grid, below and above sum dY below and above it. The work runs a cache-sized chunk at a time
     in small reused buffers, so the passes stay in cache and no large temporary is allocated:
-    dX is the one new tensor.
+    dX is the one new tensor, and not even that where no value lies outside the grid (dX is
+    then dY, returned as it is, as autograd does for an identity).
     """
     dtype = s.dtype
     x3, dy3 = _as_3d(x, axis), _as_3d(grad_y, axis)
@@ -457,19 +457,32 @@ def _backward(
     feed = None
     if observer is not None:  # offered u and round(u) only where they are read on the host
         feed = observer.begin(grad_y, inv.item() if by_range and per_tensor else None, CHUNK)
+    # Chunks with every value inside the grid, whose dX is dY: copied once a chunk needs masks,
+    # and never where no chunk does, as dX is then dY itself.
+    unwritten: list[_Chunk] | None = []
     for rows, cols, cells in chunks:
         chunk = _Chunk(x3[rows, cols, cells], dy3[rows, cols, cells], gx3[rows, cols, cells], work)
         inv_c, z_c = (inv, z3) if per_tensor else (inv[:, cols], z3[:, cols])
         if sums is not None and not per_tensor:
             sums.cols = cols
-        if not (by_range and _chunk_by_range(chunk, inv_c, z_c, z_host, qmin, qmax, sums, feed)):
+        done = _chunk_by_range(chunk, inv_c, z_c, z_host, qmin, qmax, sums, feed) if by_range else None
+        if done == "inside":
+            if unwritten is None:
+                chunk.dx.copy_(chunk.dy)
+            else:
+                unwritten.append(chunk)
+            continue
+        for earlier in unwritten or ():
+            earlier.dx.copy_(earlier.dy)
+        unwritten = None
+        if done is None:
             if feed is not None:
                 observer.abort()
                 feed = None
             _chunk_exact(chunk, inv_c, z_c, qmin, qmax, sums)
     if feed is not None:
         observer.end()
-    return grad_x, sums.result() if sums is not None else None
+    return grad_y if unwritten is not None else grad_x, sums.result() if sums is not None else None
 
 
 def observe_backward(output: torch.Tensor, observer: Any) -> bool:

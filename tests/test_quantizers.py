@@ -654,6 +654,33 @@ def test_which_quantizations_keep_the_factor(monkeypatch: pytest.MonkeyPatch) ->
     assert_bits_equal(y, learnable_fake_quantize(leaf.detach(), scale, zeros, -128, 127, ch_axis=0), "y under no_grad")
 
 
+@pytest.mark.parametrize(("ch_axis", "zero_point"), [(None, [2.0]), (1, [2.0] * 6), (1, [0.0, 1, -1, 2, 0, 0])])
+@pytest.mark.parametrize("learnable", [True, False])
+def test_dx_is_dy_itself_where_nothing_leaves_the_grid(ch_axis, zero_point, learnable) -> None:  # noqa: ANN001
+    """No value outside the grid: dX is dY, returned without a copy (as autograd passes a gradient
+    through an identity). Where a later chunk has a value outside, the earlier chunks' dX are
+    written then, and a NaN's chunk (the exact path) does the same."""
+    scale, zp = torch.ones(len(zero_point)), torch.tensor(zero_point)
+    base = torch.rand(4, 6, 16, dtype=torch.float64).mul(4).sub(3).float()  # u in [-3, 1): inside [-4, 3] - z
+    for late in (None, 9.0, math.nan):
+        x = base.clone()
+        if late is not None:
+            x[3, 5, 15] = late  # in the last 64-element chunk
+        xg = x.clone().requires_grad_(True)
+        dy = grad_y_for(x)
+        with kernel_path("recompute", chunk=64):
+            if learnable:
+                y = learnable_fake_quantize(xg, scale.clone().requires_grad_(True), zp, -4, 3, ch_axis=ch_axis)
+            else:
+                y = fake_quantize(xg, scale, zp, -4, 3, ch_axis=ch_axis)
+            (dx,) = torch.autograd.grad(y, (xg,), dy)
+        expected = dy.clone()
+        if late is not None:
+            expected[3, 5, 15] = 0.0
+        assert_bits_equal(dx, expected, f"dX with {late} in the last chunk")
+        assert (dx.data_ptr() == dy.data_ptr()) == (late is None)
+
+
 @pytest.mark.parametrize("ch_axis", [None, 1])
 @pytest.mark.parametrize("learnable", [True, False])
 def test_output_is_not_a_view_so_in_place_ops_after_it_work(ch_axis, learnable) -> None:  # noqa: ANN001
