@@ -3,7 +3,9 @@
 Both run on the same input, interleaved repeat by repeat (so drift in the machine's speed hits
 both alike). Prints each one's median time, the speedup as the ratio of medians and as the
 median of the per-repeat ratios (torch / ours, > 1 means ours is faster), and a clone() of the
-input as the memory-bandwidth floor. Then the same for three small tensors, where the fixed
+input as the memory-bandwidth floor. The two cases the project's target is set on take a leaf
+input, whose gradient accumulates into .grad; a third line takes the activation as a network's
+intermediate (not a leaf). Then the same for three small tensors, where the fixed
 per-call work (Python, autograd, about 0.3 ms for ours) outweighs the kernels.
 Run: python benchmarks/bench_fake_quant.py [--threads 2]
 """
@@ -63,6 +65,11 @@ def make_quantizer(cls: type, case: str, channels: int) -> torch.nn.Module:
 
 
 def forward_backward(fq: torch.nn.Module, x: torch.Tensor, grad: torch.Tensor) -> Callable[[], None]:
+    """A QAT step of ``fq`` on ``x``: gradients accumulate into x (when a leaf) and the qparams;
+    for a non-leaf x (an intermediate of a network) its gradient is returned, not accumulated."""
+    if not x.is_leaf:
+        return lambda: torch.autograd.grad(fq(x), (x, fq.scale, fq.zero_point), grad)
+
     def run() -> None:
         x.grad = None
         fq.scale.grad = None
@@ -87,6 +94,8 @@ def main() -> None:
     print(f"{'case':58s} {'clone ms':>9s} {'torch ms':>9s} {'ours ms':>9s} {'speedup':>8s} {'per-repeat':>10s}")
     for name, (case, data) in cases.items():
         report(name, case, data, args.repeats)
+    act = cases["activation 32x64x56x56, per-tensor affine uint8"][1]
+    report("the same activation inside a network (not a leaf)", "act", act, args.repeats, leaf=False)
     print(f"small tensors, where the per-call work outweighs the kernels (median of {args.repeats * 10}):")
     small = {
         "weight 64x64x3x3, per-channel symmetric int8": ("weight", torch.randn(64, 64, 3, 3) * 0.05),
@@ -97,7 +106,7 @@ def main() -> None:
         report(name, case, data, args.repeats * 10)
 
 
-def report(name: str, case: str, data: torch.Tensor, repeats: int) -> None:
+def report(name: str, case: str, data: torch.Tensor, repeats: int, leaf: bool = True) -> None:
     """One line: clone, torch and ours (median ms of interleaved repeats) and the speedups."""
     runs = {}
     grad = torch.randn_like(data)
@@ -105,7 +114,8 @@ def report(name: str, case: str, data: torch.Tensor, repeats: int) -> None:
         fq = make_quantizer(cls, case, data.shape[0])
         fq(data)  # calibrate qparams with the observer, then learn them as in QAT
         fq.enable_param_learning()
-        runs[label] = forward_backward(fq, data.clone().requires_grad_(), grad)
+        x = data.clone().requires_grad_()
+        runs[label] = forward_backward(fq, x if leaf else x * 1.0, grad)
     timings = interleaved_ms(runs, repeats)
     clone = median_ms(data.clone, repeats)
     ratio = timings["torch"][0] / timings["ours"][0]
