@@ -207,8 +207,9 @@ def _fake_quantize_values(
 
 
 KEEP_FACTOR = True
-"""Whether learnable per-channel fake quantization of weights stores the factor of dS in the
-forward (_keeps_factor); the tests switch it off to run the recomputing backward."""
+"""Whether learnable per-channel fake quantization stores the factor of dS in the forward
+(_keeps_factor). Set it to False to save that buffer (one per weight, until its backward) at the
+cost of the faster backward; the tests switch it off to run the recomputing backward."""
 
 
 def _keeps_factor(x: torch.Tensor, axis: int | None, z_host: float | None, qmin: int, qmax: int) -> bool:
