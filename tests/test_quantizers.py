@@ -654,6 +654,27 @@ def test_which_quantizations_keep_the_factor(monkeypatch: pytest.MonkeyPatch) ->
     assert_bits_equal(y, learnable_fake_quantize(leaf.detach(), scale, zeros, -128, 127, ch_axis=0), "y under no_grad")
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("zero_point", [0.0, 3.0])
+def test_one_channel_sums_on_the_host_give_the_device_bits(dtype: torch.dtype, zero_point: float) -> None:
+    """Per tensor on the CPU, dS and dZ are assembled from the three sums on Python floats: the
+    same float64 operations as the tensors of the device path, so the same bits."""
+    torch.manual_seed(11)
+    x = (torch.randn(3, 40, dtype=torch.float64) * 6).to(dtype)  # values below and above [-8, 7] - z
+    dy = grad_y_for(x)
+    results = []
+    for path in ("host", "device"):
+        with kernel_path(path, chunk=16):  # several chunks: float64 sums of float32 parts
+            xg = x.clone().requires_grad_(True)
+            sg = torch.tensor([0.75], dtype=dtype).requires_grad_(True)  # float64 gradients for float64
+            zg = torch.tensor([zero_point], dtype=dtype).requires_grad_(True)
+            y = learnable_fake_quantize(xg, sg, zg, -8, 7, grad_factor=0.37)
+            results.append(torch.autograd.grad(y, (xg, sg, zg), dy))
+    for name, a, b in zip(("dX", "dS", "dZ"), *results):
+        assert_bits_equal(a, b, name)
+    assert float(results[0][2]) != 0.0  # values outside the grid reached dZ
+
+
 @pytest.mark.parametrize(("ch_axis", "zero_point"), [(None, [2.0]), (1, [2.0] * 6), (1, [0.0, 1, -1, 2, 0, 0])])
 @pytest.mark.parametrize("learnable", [True, False])
 def test_dx_is_dy_itself_where_nothing_leaves_the_grid(ch_axis, zero_point, learnable) -> None:  # noqa: ANN001
