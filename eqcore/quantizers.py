@@ -375,10 +375,10 @@ def _chunk_by_range(
     u = x * (1/s) and round(u) as the forward computes them; the minimum and maximum grid
     position tell whether any element lies below or above the grid. Where none does, dX is dY
     and the rounding sum is dot(dY, u - round(u)); otherwise masks are built for the sides that
-    have elements only. A chunk holding NaN or inf returns False, for the exact general path.
-    ``sums`` receives the sums (None: dX only); ``feed`` gets u, round(u), dY and x first.
-    Returns "inside" where every value is inside the grid (dX is dY: the chunk's dX is left
-    unwritten), "masked" where dX was written, None for the exact path.
+    have elements only. ``sums`` receives the sums (None: dX only); ``feed`` gets u, round(u),
+    dY and x first. Returns "inside" where every value is inside the grid (dX is dY: the chunk's
+    dX is left unwritten), "masked" where dX was written, and None for a chunk holding NaN or
+    inf, which takes the exact general path.
     """
     position, residual = chunk.position, chunk.residual
     torch.mul(chunk.x, inv, out=residual)
@@ -556,8 +556,8 @@ class _LearnableFakeQuantizeFn(torch.autograd.Function):
         if need_s:
             grad_scale = _param_grad(scale_sum * g, *ctx.param_meta[0])
         if need_z:
-            s_sum = s.item() if isinstance(outside, float) else s.reshape(-1).double()
-            grad_zero_point = _param_grad(outside * s_sum * -g, *ctx.param_meta[1])
+            scale64 = s.item() if isinstance(outside, float) else s.reshape(-1).double()
+            grad_zero_point = _param_grad(outside * scale64 * -g, *ctx.param_meta[1])
         grad_x = grad_inside.to(grad_dtype) if need_x else None
         return grad_x, grad_scale, grad_zero_point, None, None, None, None, None
 
