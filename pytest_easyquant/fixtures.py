@@ -70,13 +70,13 @@ def _or_fail(fn: Any, *args: Any) -> Any:
 
 @pytest.fixture
 def eq_model(request: pytest.FixtureRequest, eq_request: Any) -> Any:
-    """The float model as an ``eqcore.zoo.ZooModel`` (``.model``, ``.spec``, ``.labels``)."""
+    """The float model as an ``eqcore.models.zoo.ZooModel`` (``.model``, ``.spec``, ``.labels``)."""
     return _or_fail(_session(request.config).plan, eq_request).zoo
 
 
 @pytest.fixture
 def eq_loaders(request: pytest.FixtureRequest, eq_request: Any) -> Any:
-    """Calibration and evaluation loaders (``eqcore.data.Loaders``)."""
+    """Calibration and evaluation loaders (``eqcore.models.data.Loaders``)."""
     return _or_fail(_session(request.config).plan, eq_request).loaders
 
 
@@ -88,13 +88,13 @@ def eq_run(request: pytest.FixtureRequest, eq_request: Any) -> Any:
 
 @pytest.fixture
 def eq_prepared(eq_run: Any) -> Any:
-    """The calibrated fake-quant model (``eqcore.prepare.PreparedModel``: ``.model``, ``.float_model``)."""
+    """The calibrated fake-quant model (``eqcore.prepare.quantize.PreparedModel``: ``.model``, ``.float_model``)."""
     return eq_run.plan.prepared
 
 
 @pytest.fixture
 def eq_sa(eq_run: Any) -> Any:
-    """The sensitivity-analysis results (``eqcore.hooks.SAResult``)."""
+    """The sensitivity-analysis results (``eqcore.analysis.hooks.SAResult``)."""
     return eq_run.sa
 
 
@@ -216,7 +216,7 @@ class BaselineChecker:
             png = Path(figure_or_path).read_bytes()
             name = name or Path(figure_or_path).stem
         else:
-            from eqcore.plots import figure_to_png
+            from eqcore.plots.api import figure_to_png
 
             png = figure_to_png(figure_or_path)
             name = name or "figure"

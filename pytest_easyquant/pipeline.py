@@ -16,13 +16,13 @@ import numpy as np
 import torch
 from torch import nn
 
-from eqcore.data import Loaders, get_loaders
+from eqcore.models.data import Loaders, get_loaders
 from eqcore.errors import EQError
-from eqcore.hooks import SAResult, activation_quantizers, run_sensitivity_analysis
-from eqcore.metrics import DatasetEvaluation, Fidelity, evaluate_dataset, fidelity, per_layer_sqnr
-from eqcore.prepare import PreparedModel, calibrate, fake_quant_modules, prepare
-from eqcore.qconfigs import Recipe
-from eqcore.zoo import ZooModel
+from eqcore.analysis.hooks import SAResult, activation_quantizers, run_sensitivity_analysis
+from eqcore.analysis.metrics import DatasetEvaluation, Fidelity, evaluate_dataset, fidelity, per_layer_sqnr
+from eqcore.prepare.quantize import PreparedModel, calibrate, fake_quant_modules, prepare
+from eqcore.quant.recipes import Recipe
+from eqcore.models.zoo import ZooModel
 
 from pytest_easyquant.registry import Registry
 

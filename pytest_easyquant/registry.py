@@ -3,7 +3,7 @@
     # conftest.py
     def pytest_easyquant_register(registry):
         registry.add_model("tinynet", build_tinynet)          # callable(seed) -> nn.Module | ZooModel
-        registry.add_recipe(my_recipe)                        # an eqcore.qconfigs.Recipe
+        registry.add_recipe(my_recipe)                        # an eqcore.quant.recipes.Recipe
 
 Then ``pytest --eq-model tinynet --eq-recipe my-recipe`` runs the generated suite on them.
 """
@@ -29,7 +29,7 @@ class Registry:
     def add_model(self, name: str, factory: Callable[..., Any], *, spec: Any = None) -> None:
         """Register ``factory`` (called with ``seed=`` if it accepts it) under ``name``.
 
-        ``spec`` (an ``eqcore.data.InputSpec``) describes the input; default: ImageNet 3x224x224.
+        ``spec`` (an ``eqcore.models.data.InputSpec``) describes the input; default: ImageNet 3x224x224.
         """
         if not callable(factory):
             raise TypeError(f"registry.add_model({name!r}, ...): the factory must be callable")
@@ -38,15 +38,15 @@ class Registry:
             self.specs[name] = spec
 
     def add_recipe(self, recipe: Any) -> None:
-        """Register an ``eqcore.qconfigs.Recipe`` under its own name."""
-        from eqcore.qconfigs import Recipe
+        """Register an ``eqcore.quant.recipes.Recipe`` under its own name."""
+        from eqcore.quant.recipes import Recipe
 
         if not isinstance(recipe, Recipe):
-            raise TypeError(f"registry.add_recipe needs an eqcore.qconfigs.Recipe, got {type(recipe).__name__}")
+            raise TypeError(f"registry.add_recipe needs an eqcore.quant.recipes.Recipe, got {type(recipe).__name__}")
         self.recipes[recipe.name] = recipe
 
     def recipe(self, name: str) -> Any:
-        from eqcore.qconfigs import get_recipe
+        from eqcore.quant.recipes import get_recipe
 
         return self.recipes.get(name) or get_recipe(name)
 
@@ -54,9 +54,9 @@ class Registry:
         """A ZooModel for ``name``: a registered factory, or eqcore's zoo."""
         import torch
 
-        from eqcore.data import imagenet_spec
+        from eqcore.models.data import imagenet_spec
         from eqcore.errors import EQError
-        from eqcore.zoo import ZooModel, get_model, load_weights_file
+        from eqcore.models.zoo import ZooModel, get_model, load_weights_file
 
         factory = self.models.get(name)
         if factory is None:

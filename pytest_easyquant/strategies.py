@@ -47,7 +47,7 @@ except ImportError as exc:  # pragma: no cover - exercised by a test that hides 
         "(or pip install 'pytest-easyquant[test]')"
     ) from exc
 
-from eqcore.quantizers import MAX_BITS, check_quant_range
+from eqcore.quant.quantizers import MAX_BITS, check_quant_range
 from eqcore.testing import CheckReport, FakeQuantFn, check_fake_quantize
 
 __all__ = [

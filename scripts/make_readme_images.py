@@ -30,10 +30,10 @@ def main() -> None:
 
     import torchvision
 
-    from eqcore.data import eval_transform, find_sample, imagenet_spec, samples_loader
-    from eqcore.hooks import run_sensitivity_analysis
-    from eqcore.plots import render_sa_hist, save_figure
-    from eqcore.prepare import calibrate, prepare_model
+    from eqcore.models.data import eval_transform, find_sample, imagenet_spec, samples_loader
+    from eqcore.analysis.hooks import run_sensitivity_analysis
+    from eqcore.plots.api import render_sa_hist, save_figure
+    from eqcore.prepare.quantize import calibrate, prepare_model
 
     torch.manual_seed(0)
     torch.set_num_threads(2)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Iterator
 
-import eqcore.quantizers as quantizers
+import eqcore.quant.quantizers as quantizers
 
 PATHS = ("host", "recompute", "device")
 

@@ -15,8 +15,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from eqcore.data import InputSpec
-from eqcore.qconfigs import W8A8
+from eqcore.models.data import InputSpec
+from eqcore.quant.recipes import W8A8
 
 TINY_SPEC = InputSpec(
     shape=(3, 16, 16),
@@ -26,7 +26,7 @@ TINY_SPEC = InputSpec(
     crop_size=16,
     labels=("cat", "dog"),
 )
-# Read by eqcore.zoo for the 'plugin_models:build_tiny' form.
+# Read by eqcore.models.zoo for the 'plugin_models:build_tiny' form.
 eq_input_spec = TINY_SPEC
 
 # A registered recipe of our own: 6-bit weights, the w8a8 activations.

@@ -11,7 +11,7 @@ import torchvision
 from torch import fx, nn
 
 from eqcore import equalize, find_cle_pairs, float_convbn_to_conv, get_previous_module_node
-from eqcore.cle import CLEPairs, SkippedPair, absorb_high_bias, relu6_to_relu
+from eqcore.prepare.cle import CLEPairs, SkippedPair, absorb_high_bias, relu6_to_relu
 
 TUTORIAL_PAIRS = [
     ["layer1.0.conv1", "layer1.0.conv2"],
@@ -643,7 +643,7 @@ def test_high_bias_absorption_needs_statistics_and_a_valid_n_std():
 
 
 def test_prepare_applies_high_bias_absorption_after_cle():
-    from eqcore.prepare import calibrate, prepare
+    from eqcore.prepare.quantize import calibrate, prepare
 
     torch.manual_seed(0)
     model = BiasedChain("conv").eval()

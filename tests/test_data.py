@@ -8,7 +8,7 @@ import torch
 from PIL import Image
 from torchvision import transforms as T
 
-from eqcore.data import (
+from eqcore.models.data import (
     DIGITS_MEAN,
     DIGITS_STD,
     InputSpec,

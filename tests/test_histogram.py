@@ -1,4 +1,4 @@
-"""Grid-aligned binning, gradient binning and histogram statistics (eqcore.histogram)."""
+"""Grid-aligned binning, gradient binning and histogram statistics (eqcore.analysis.histogram)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from eqcore.histogram import (
+from eqcore.analysis.histogram import (
     GradientHistogram,
     GridBins,
     QuantGrid,

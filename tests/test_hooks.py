@@ -14,9 +14,9 @@ from torch import nn
 
 from eqcore._torch_ao import QConfig, QConfigMapping, prepare_qat_fx, tq
 from eqcore.errors import EQError
-from eqcore.prepare import calibrate, prepare_model
-from eqcore.histogram import bin_indices
-from eqcore.hooks import (
+from eqcore.prepare.quantize import calibrate, prepare_model
+from eqcore.analysis.histogram import bin_indices
+from eqcore.analysis.hooks import (
     ActHistogram,
     activation_quantizers,
     add_activation_forward_hooks,
@@ -24,10 +24,10 @@ from eqcore.hooks import (
     run_sensitivity_analysis,
     weight_histograms,
 )
-import eqcore.hooks as hooks_module
-from eqcore.histogram import GradientBinner
-from eqcore.quantizers import EQFakeQuantize, EQLearnableFakeQuantize
-from eqcore.toggles import disable_PTQ_observer
+import eqcore.analysis.hooks as hooks_module
+from eqcore.analysis.histogram import GradientBinner
+from eqcore.quant.quantizers import EQFakeQuantize, EQLearnableFakeQuantize
+from eqcore.quant.toggles import disable_PTQ_observer
 from fq_kernels import kernel_path
 
 

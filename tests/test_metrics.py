@@ -11,9 +11,9 @@ import pytest
 import torch
 from torch import nn
 
-from eqcore.data import digits_loaders, get_loaders, imagenet_spec, sample_images
+from eqcore.models.data import digits_loaders, get_loaders, imagenet_spec, sample_images
 from eqcore.errors import EQError
-from eqcore.metrics import (
+from eqcore.analysis.metrics import (
     collect_logits,
     cosine_similarity,
     evaluate,
@@ -25,7 +25,7 @@ from eqcore.metrics import (
     top1_agreement,
     topk_accuracy,
 )
-from eqcore.zoo import get_model
+from eqcore.models.zoo import get_model
 
 RNG = np.random.default_rng(7)
 

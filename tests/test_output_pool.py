@@ -1,4 +1,4 @@
-"""Recycled output storage of the fake-quant kernels (eqcore._pool): reuse only what nothing holds."""
+"""Recycled output storage of the fake-quant kernels (eqcore.quant.pool): reuse only what nothing holds."""
 
 from __future__ import annotations
 
@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from eqcore._pool import OUTPUT_POOL, OutputPool
-from eqcore.quantizers import learnable_fake_quantize, release_buffers
+from eqcore.quant.pool import OUTPUT_POOL, OutputPool
+from eqcore.quant.quantizers import learnable_fake_quantize, release_buffers
 
 SHAPE = (8, 16, 48, 48)  # 1.2 MiB in float32: above the pool's 1 MiB floor
 

@@ -1,4 +1,4 @@
-"""QTH / SA plots (eqcore.plots): images against baselines, byte stability, files and names.
+"""QTH / SA plots (eqcore.plots.api): images against baselines, byte stability, files and names.
 
 Image tests return their figure to pytest-mpl (``pytest --mpl`` compares it with
 ``baselines/mpl``; regenerate with ``pytest --mpl-generate-path=baselines/mpl
@@ -21,9 +21,9 @@ import torch
 from PIL import Image
 
 from eqcore.errors import EQError
-from eqcore.histogram import GradientHistogram, GridBins, QuantGrid, TensorHistogram
-from eqcore.hooks import ActHistogram
-from eqcore.plots import (
+from eqcore.analysis.histogram import GradientHistogram, GridBins, QuantGrid, TensorHistogram
+from eqcore.analysis.hooks import ActHistogram
+from eqcore.plots.api import (
     PLOT_STYLE,
     HistogramView,
     PlotJob,
@@ -195,7 +195,7 @@ def test_same_data_gives_identical_bytes(tmp_path):
 
 def test_cached_texts_look_like_plain_texts_and_do_not_depend_on_the_cache(monkeypatch):
     """The fixed texts are blitted from a cache: same look as drawing them, same bytes cold or warm."""
-    from eqcore import _plot_render
+    from eqcore.plots import render as _plot_render
 
     hist, grads = activation_data()
 
@@ -271,8 +271,8 @@ def test_imports_stay_light_and_pyplot_free():
     code = (
         "import sys, eqcore\n"
         "assert 'matplotlib' not in sys.modules, 'import eqcore imported matplotlib'\n"
-        "from eqcore.plots import render_act_hist\n"
-        "from eqcore.histogram import GridBins, TensorHistogram\n"
+        "from eqcore.plots.api import render_act_hist\n"
+        "from eqcore.analysis.histogram import GridBins, TensorHistogram\n"
         "import torch\n"
         "h = TensorHistogram(GridBins.for_range(0, 15))\n"
         "h.update(torch.rand(100), torch.tensor([0.1]), torch.tensor([0.0]))\n"
@@ -384,8 +384,8 @@ def tutorial_model() -> torch.nn.Module:
     import torchvision
 
     from eqcore._torch_ao import QConfig, QConfigMapping, prepare_qat_fx, tq
-    from eqcore.fusion import convbn_to_conv
-    from eqcore.quantizers import EQLearnableFakeQuantize
+    from eqcore.prepare.fusion import convbn_to_conv
+    from eqcore.quant.quantizers import EQLearnableFakeQuantize
 
     torch.manual_seed(0)
     model = torchvision.models.resnet18()
@@ -412,10 +412,10 @@ def tutorial_model() -> torch.nn.Module:
 
 @pytest.mark.slow
 def test_sa_tutorial_plotting_cells_write_the_tutorials_files(tmp_path):
-    from eqcore.data import eval_transform, find_sample, imagenet_spec
-    from eqcore.hooks import add_activation_forward_hooks, add_sensitivity_analysis_hooks
-    from eqcore.quantizers import EQLearnableFakeQuantize
-    from eqcore.toggles import disable_PTQ_observer, enable_fake_quant
+    from eqcore.models.data import eval_transform, find_sample, imagenet_spec
+    from eqcore.analysis.hooks import add_activation_forward_hooks, add_sensitivity_analysis_hooks
+    from eqcore.quant.quantizers import EQLearnableFakeQuantize
+    from eqcore.quant.toggles import disable_PTQ_observer, enable_fake_quant
 
     # The tutorial calibrates first (HistogramObserver, seconds); the files do not depend on it.
     fx_model = tutorial_model()

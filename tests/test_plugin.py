@@ -27,7 +27,7 @@ import torch
 
 # Imported once here: pytester's in-process sessions drop the modules they import, so modules
 # first imported inside them (matplotlib above all) would be imported again in every session.
-import eqcore.plots  # noqa: F401
+import eqcore.plots.api  # noqa: F401
 import matplotlib.testing.compare  # noqa: F401
 import pytest_easyquant.pipeline  # noqa: F401
 import pytest_easyquant.plotting  # noqa: F401
@@ -204,7 +204,7 @@ def test_changing_a_recipe_in_place_names_the_difference(pytester: pytest.Pytest
     pytester.makeconftest(
         """
         import dataclasses
-        from eqcore.qconfigs import W4A4
+        from eqcore.quant.recipes import W4A4
 
         def pytest_easyquant_register(registry):
             registry.add_recipe(dataclasses.replace(W4A4, name="w8a8"))

@@ -26,9 +26,9 @@ from eqcore import (
     sqnr,
 )
 from eqcore.errors import EQError
-from eqcore.metrics import collect_logits, evaluate_dataset, per_layer_sqnr, topk_accuracy
-from eqcore.prepare import fake_quant_modules, prepare
-from eqcore.qconfigs import RECIPES, W8A8, QuantizerSpec
+from eqcore.analysis.metrics import collect_logits, evaluate_dataset, per_layer_sqnr, topk_accuracy
+from eqcore.prepare.quantize import fake_quant_modules, prepare
+from eqcore.quant.recipes import RECIPES, W8A8, QuantizerSpec
 
 TUTORIAL_PAIRS = [[f"layer{i}.{j}.conv1", f"layer{i}.{j}.conv2"] for i in range(1, 5) for j in range(2)]
 

@@ -9,7 +9,7 @@ import torch
 import torchvision
 from torch import nn
 
-import eqcore.quantizers as quantizers
+import eqcore.quant.quantizers as quantizers
 from eqcore import disable_PTQ_observer, enable_fake_quant, enable_PTQ_observer
 from eqcore._torch_ao import (
     FakeQuantizeBase,
@@ -19,7 +19,7 @@ from eqcore._torch_ao import (
     prepare_qat_fx,
     tq,
 )
-from eqcore.quantizers import EPS, EQFakeQuantize, EQLearnableFakeQuantize, fake_quantize, learnable_fake_quantize
+from eqcore.quant.quantizers import EPS, EQFakeQuantize, EQLearnableFakeQuantize, fake_quantize, learnable_fake_quantize
 
 
 def seed_qconfig_model(learnable_cls, act_observer=tq.HistogramObserver) -> torch.fx.GraphModule:  # noqa: ANN001

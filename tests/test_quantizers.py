@@ -14,7 +14,7 @@ import torch
 from hypothesis import assume, example, given, settings
 from hypothesis import strategies as st
 
-from eqcore.quantizers import (
+from eqcore.quant.quantizers import (
     EQFakeQuantize,
     EQLearnableFakeQuantize,
     check_quant_range,
@@ -648,7 +648,7 @@ def test_which_quantizations_keep_the_factor(monkeypatch: pytest.MonkeyPatch) ->
     def fail(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
         raise AssertionError("the factor was computed under no_grad")
 
-    monkeypatch.setattr("eqcore.quantizers._fake_quantize_keeping_factor", fail)
+    monkeypatch.setattr("eqcore.quant.quantizers._fake_quantize_keeping_factor", fail)
     with torch.no_grad():
         y = learnable_fake_quantize(leaf, learnable, zeros, -128, 127, ch_axis=0)
     assert_bits_equal(y, learnable_fake_quantize(leaf.detach(), scale, zeros, -128, 127, ch_axis=0), "y under no_grad")

@@ -11,10 +11,10 @@ import torch
 import torchvision
 from torch import nn
 
-from eqcore.data import digits_loaders, imagenet_categories
+from eqcore.models.data import digits_loaders, imagenet_categories
 from eqcore.errors import EQError
-from eqcore.metrics import evaluate_dataset
-from eqcore.zoo import DigitsNet, ZooModel, available_models, digits_weights_path, get_model
+from eqcore.analysis.metrics import evaluate_dataset
+from eqcore.models.zoo import DigitsNet, ZooModel, available_models, digits_weights_path, get_model
 
 
 def _same_state(a: nn.Module, b: nn.Module) -> bool:
@@ -158,8 +158,8 @@ def factory_module(tmp_path, monkeypatch):
             """
             import torch
             from torch import nn
-            from eqcore.data import InputSpec
-            from eqcore.zoo import ZooModel
+            from eqcore.models.data import InputSpec
+            from eqcore.models.zoo import ZooModel
 
             def tiny():
                 return nn.Sequential(nn.Flatten(), nn.Linear(3 * 224 * 224, 4))

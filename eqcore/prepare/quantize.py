@@ -16,11 +16,11 @@ import torch
 from torch import fx, nn
 
 from eqcore._torch_ao import FakeQuantizeBase, prepare_qat_fx
-from eqcore.cle import CLEPairs, absorb_high_bias, equalize, find_cle_pairs
+from eqcore.prepare.cle import CLEPairs, absorb_high_bias, equalize, find_cle_pairs
 from eqcore.errors import EQError
-from eqcore.fusion import float_convbn_to_conv
-from eqcore.qconfigs import Recipe, get_recipe
-from eqcore.toggles import disable_PTQ_observer, enable_fake_quant, enable_PTQ_observer
+from eqcore.prepare.fusion import float_convbn_to_conv
+from eqcore.quant.recipes import Recipe, get_recipe
+from eqcore.quant.toggles import disable_PTQ_observer, enable_fake_quant, enable_PTQ_observer
 
 
 @dataclass

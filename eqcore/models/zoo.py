@@ -41,7 +41,7 @@ from urllib.parse import urlparse
 import torch
 from torch import nn
 
-from eqcore.data import InputSpec, digits_spec, imagenet_spec
+from eqcore.models.data import InputSpec, digits_spec, imagenet_spec
 from eqcore.errors import EQError
 
 __all__ = [
@@ -419,12 +419,12 @@ def _from_factory(name: str, weights: str, *, seed: int) -> ZooModel:
             None,
         )
         if spec is not None and not isinstance(spec, InputSpec):
-            raise EQError(f"model {name!r}: eq_input_spec must be an eqcore.data.InputSpec, got {type(spec).__name__}")
+            raise EQError(f"model {name!r}: eq_input_spec must be an eqcore.models.data.InputSpec, got {type(spec).__name__}")
         zoo_model = ZooModel(model=built, name=name, weights="none", spec=spec or imagenet_spec())
     else:
         raise EQError(
             f"model {name!r}: the factory returned a {type(built).__name__}; it must return a "
-            "torch.nn.Module or an eqcore.zoo.ZooModel"
+            "torch.nn.Module or an eqcore.models.zoo.ZooModel"
         )
     zoo_model.name = name
     if weights.lower() == "none":

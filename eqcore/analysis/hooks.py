@@ -36,7 +36,7 @@ from torch.utils.hooks import RemovableHandle
 
 from eqcore._torch_ao import FakeQuantizeBase
 from eqcore.errors import EQError
-from eqcore.histogram import (
+from eqcore.analysis.histogram import (
     GradientBinner,
     GradientBins,
     GradientHistogram,
@@ -51,7 +51,7 @@ from eqcore.histogram import (
     resampled_grid,
     scan_values,
 )
-from eqcore.quantizers import observe_backward
+from eqcore.quant.quantizers import observe_backward
 
 __all__ = [
     "ActHistogram",
@@ -329,7 +329,7 @@ class _FusedSink(_GradientSink):
     """The SA binning of one call of an eqcore quantizer, done inside the quantizer's backward.
 
     The backward hands over each chunk's u = x * (1/s) and round(u), which it computes anyway,
-    while the chunk and its dY are in cache (see ``eqcore.quantizers.observe_backward``): the
+    while the chunk and its dY are in cache (see ``eqcore.quant.quantizers.observe_backward``): the
     gradient pass then neither reads x and dY again nor recomputes their grid coordinates. The
     bins are the same, bit for bit, as those of the tensor hook it replaces; where the backward
     offers no chunks (or not the histogram's own grid), it bins dY as that hook would.

@@ -20,8 +20,8 @@ from torch import nn
 
 from eqcore._torch_ao import QConfig, QConfigMapping, tq
 from eqcore.errors import EQError
-from eqcore.observers import KLObserver, MSEObserver, PercentileObserver
-from eqcore.quantizers import EQFakeQuantize, EQLearnableFakeQuantize, check_quant_range
+from eqcore.quant.observers import KLObserver, MSEObserver, PercentileObserver
+from eqcore.quant.quantizers import EQFakeQuantize, EQLearnableFakeQuantize, check_quant_range
 
 OBSERVERS: dict[str, Any] = {
     "minmax": tq.MinMaxObserver,

@@ -18,9 +18,9 @@ import torch
 from PIL import Image
 from torch import nn
 
-from eqcore.data import InputSpec, eval_transform, find_sample, imagenet_spec
+from eqcore.models.data import InputSpec, eval_transform, find_sample, imagenet_spec
 from eqcore.errors import EQError
-from eqcore.zoo import ZooModel
+from eqcore.models.zoo import ZooModel
 
 __all__ = [
     "CollectedLogits",

@@ -40,7 +40,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from eqcore._pool import OUTPUT_POOL, compiling, release_buffers
+from eqcore.quant.pool import OUTPUT_POOL, compiling, release_buffers
 from eqcore._torch_ao import FakeQuantizeBase, tq
 
 EPS = torch.finfo(torch.float32).eps

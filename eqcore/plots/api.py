@@ -44,7 +44,7 @@ import torch
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
-from eqcore._plot_render import (
+from eqcore.plots.render import (
     DEFAULT_DPI,
     DEFAULT_FIGSIZE,
     DEFAULT_SA_FIGSIZE,
@@ -58,7 +58,7 @@ from eqcore._plot_render import (
     save_figure,
 )
 from eqcore.errors import EQError
-from eqcore.histogram import GradientHistogram, TensorHistogram
+from eqcore.analysis.histogram import GradientHistogram, TensorHistogram
 
 __all__ = [
     "DEFAULT_DPI",
@@ -104,7 +104,7 @@ _MAX_NAME_BYTES = 200
 def render_act_hist(hist: Any, *, title: str = "", sum_pos: Sequence[float] | None = None,
                     log_scale: bool = False, figsize: Sequence[float] = DEFAULT_FIGSIZE,
                     dpi: float = DEFAULT_DPI) -> Figure:
-    """QTH figure of one activation histogram (see :func:`eqcore._plot_render.render_hist`)."""
+    """QTH figure of one activation histogram (see :func:`eqcore.plots.render.render_hist`)."""
     return render_hist(hist, title=title, tensor_kind="Activation", sum_pos=sum_pos,
                        log_scale=log_scale, figsize=figsize, dpi=dpi)
 
@@ -394,13 +394,13 @@ def plot_quant_weight_hist(
 ) -> list[Path]:
     """QTH of every quantized weight (modules with a ``weight_fake_quant``), optionally with SA.
 
-    Weights are binned by :func:`eqcore.hooks.weight_histograms` on their quantizer's grid
+    Weights are binned by :func:`eqcore.analysis.hooks.weight_histograms` on their quantizer's grid
     (``bit_res`` sets its resolution). Writes ``file_path/weights/hists/Weight-hist-<name>.png``,
     or with ``sensitivity_analysis`` (the weights' ``.grad`` from a backward you ran, binned on
     the same grid) ``file_path/weights/sensitivity_analysis/Weight-hist-<name>.png``; ``<name>``
     is the module's name through ``module_name_mapping``. Returns the paths.
     """
-    from eqcore.hooks import weight_histograms
+    from eqcore.analysis.hooks import weight_histograms
 
     folder = _check_folder(file_path)
     results = weight_histograms(model, conditions_met=conditions_met, bit_res=bit_res,

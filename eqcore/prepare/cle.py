@@ -26,8 +26,8 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
-from eqcore.fusion import PREACT_MEAN, PREACT_STD
-from eqcore.fusion import call_counts as _call_counts
+from eqcore.prepare.fusion import PREACT_MEAN, PREACT_STD
+from eqcore.prepare.fusion import call_counts as _call_counts
 
 __all__ = [
     "CLEPairs",
@@ -461,7 +461,7 @@ def find_cle_pairs(
     are in graph order (a layer may be in two groups; `equalize` iterates to convergence). Rejected candidates (layers with an upstream layer but no valid link) are listed in
     ``skipped`` with the reason, e.g. ``"ReLU6 between a and b is not positively homogeneous ..."``.
 
-    Fuse BatchNorms first (`eqcore.fusion.float_convbn_to_conv`): an unfused BN breaks every pair.
+    Fuse BatchNorms first (`eqcore.prepare.fusion.float_convbn_to_conv`): an unfused BN breaks every pair.
     """
     if not isinstance(traced, fx.GraphModule):
         raise TypeError(
@@ -716,7 +716,7 @@ def absorb_high_bias(
     """High-bias absorption (DFQ, Nagel et al. 2019): shrink large positive biases before ReLUs.
 
     For each ``[first, second]`` pair (triplets give two pairs) whose ``first`` layer kept its
-    folded BatchNorm's output statistics (:func:`eqcore.fusion.float_convbn_to_conv` records
+    folded BatchNorm's output statistics (:func:`eqcore.prepare.fusion.float_convbn_to_conv` records
     them, :func:`equalize` rescales them), ``c_i = max(0, beta_i - n_std * gamma_i)`` is taken
     out of ``first``'s bias and its effect ``sum_k W2[:, i, k] * c_i`` added to ``second``'s (a
     bias is created if it had none). Between the two layers only positively homogeneous ops

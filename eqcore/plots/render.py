@@ -45,7 +45,7 @@ from matplotlib.transforms import (
     blended_transform_factory,
 )
 
-from eqcore.histogram import (
+from eqcore.analysis.histogram import (
     GradientHistogram,
     GridBins,
     HistogramStats,

@@ -632,7 +632,7 @@ class GradientBinner:
     ``feed`` takes the next elements' grid coordinate u = x * (1/s) and r = round(u) with their
     gradient, as the fake quantizer computes them, and modifies none of them: the standalone pass
     (:func:`bin_gradient`) computes them from x, and eqcore's own quantizer hands over the ones its
-    backward computes anyway (see ``eqcore.quantizers``). Indices and weights are scatter-added
+    backward computes anyway (see ``eqcore.quant.quantizers``). Indices and weights are scatter-added
     every ``_SCATTER`` elements and score terms summed per ``_CHUNK`` elements, so any feed size
     dividing ``_SCATTER`` gives the same sums bit for bit. ``scan`` lets clamps that cannot bite be
     skipped.
