@@ -20,7 +20,7 @@ from collections.abc import Callable
 import torch
 
 from eqcore._torch_ao import _LearnableFakeQuantize, tq
-from eqcore.quant.quantizers import EQLearnableFakeQuantize
+from eqcore.quant.modules import EQLearnableFakeQuantize
 
 
 def median_ms(fn: Callable[[], object], repeats: int, warmup: int = 3) -> float:

@@ -1,4 +1,4 @@
-"""Time per sensitivity-analysis plot: eqcore.plots.api' defaults against the seed's settings.
+"""Time per sensitivity-analysis plot: eqcore.plots' defaults against the seed's settings.
 
 Data: resnet18 (torchvision, seeded init) prepared as in the SA tutorial (EQLearnableFakeQuantize,
 per-channel int8 weights, uint8 activations with a HistogramObserver, conv-bn folded), calibrated
@@ -44,7 +44,7 @@ def tutorial_model() -> torch.nn.Module:
 
     from eqcore._torch_ao import QConfig, QConfigMapping, prepare_qat_fx, tq
     from eqcore.prepare.fusion import convbn_to_conv
-    from eqcore.quant.quantizers import EQLearnableFakeQuantize
+    from eqcore.quant.modules import EQLearnableFakeQuantize
 
     torch.manual_seed(0)
     model = torchvision.models.resnet18()
@@ -71,7 +71,8 @@ def tutorial_model() -> torch.nn.Module:
 
 def photo(name: str = "chelsea") -> torch.Tensor:
     """One built-in photo as a normalized 1 x 3 x 224 x 224 batch (Grace Hopper as fallback)."""
-    from eqcore.models.data import eval_transform, find_sample, imagenet_spec
+    from eqcore.models.samples import find_sample
+    from eqcore.models.specs import eval_transform, imagenet_spec
 
     try:
         sample = find_sample(name)
@@ -82,9 +83,10 @@ def photo(name: str = "chelsea") -> torch.Tensor:
 
 def sa_views() -> tuple[list[str], list]:
     """(names, HistogramViews with gradients) of every activation quantizer of resnet18."""
-    from eqcore.models.data import imagenet_spec, samples_loader
-    from eqcore.analysis.hooks import add_sensitivity_analysis_hooks
-    from eqcore.plots.api import HistogramView
+    from eqcore.models.samples import samples_loader
+    from eqcore.models.specs import imagenet_spec
+    from eqcore.analysis.sa_hooks import add_sensitivity_analysis_hooks
+    from eqcore.plots.view import HistogramView
     from eqcore.quant.toggles import disable_PTQ_observer, enable_fake_quant, enable_PTQ_observer
 
     model = tutorial_model()
@@ -187,7 +189,9 @@ def main() -> None:
 
     matplotlib.use("Agg")
     torch.set_num_threads(THREADS)
-    from eqcore.plots.api import PlotJob, render_many, render_sa_hist, save_figure
+    from eqcore.plots.jobs import PlotJob, render_many
+    from eqcore.plots.png import save_figure
+    from eqcore.plots.render import render_sa_hist
 
     names, views = sa_views()
     print(f"resnet18 (seeded init), {len(views)} activation quantizers, torch threads = "

@@ -46,7 +46,7 @@ def _seed_qconfig_model(model: torch.nn.Module, example: torch.Tensor) -> tuple[
     from eqcore._torch_ao import QConfig, QConfigMapping, _LearnableFakeQuantize, prepare_qat_fx, tq
 
     try:
-        from eqcore.quant.quantizers import EQLearnableFakeQuantize as learnable
+        from eqcore.quant.modules import EQLearnableFakeQuantize as learnable
 
         kind = "EQLearnableFakeQuantize"
     except ImportError:
@@ -101,7 +101,8 @@ def build_model() -> tuple[torch.nn.Module, torch.Tensor, str]:
     generator = torch.Generator().manual_seed(1)
     calibration = [torch.randn(BATCH, 3, 224, 224, generator=generator) for _ in range(2)]
     try:
-        from eqcore.prepare.quantize import calibrate, prepare_model
+        from eqcore.prepare.calibrate import calibrate
+        from eqcore.prepare.quantize import prepare_model
 
         prepared, how = prepare_model(model, "w8a8", (example,)), "eqcore.prepare_model(w8a8) + calibrate"
         calibrate(prepared, calibration)
@@ -131,7 +132,7 @@ def timed(fn) -> tuple[float, float]:
 
 
 def time_hooks(model: torch.nn.Module, batch: torch.Tensor, repeats: int) -> dict[str, float]:
-    from eqcore.analysis.hooks import add_sensitivity_analysis_hooks
+    from eqcore.analysis.sa_hooks import add_sensitivity_analysis_hooks
 
     plain, hooked = [], []
     for _ in range(2):
@@ -160,7 +161,7 @@ def time_hooks(model: torch.nn.Module, batch: torch.Tensor, repeats: int) -> dic
 
 
 def time_full_pass(model: torch.nn.Module, batch: torch.Tensor, repeats: int) -> float:
-    from eqcore.analysis.hooks import run_sensitivity_analysis
+    from eqcore.analysis.sa_run import run_sensitivity_analysis
 
     ratios = []
     for _ in range(repeats):
@@ -186,7 +187,7 @@ def memory_child(mode: str) -> None:
     model, batch, _ = build_model()
     hooks = None
     if mode == "sa":
-        from eqcore.analysis.hooks import add_sensitivity_analysis_hooks
+        from eqcore.analysis.sa_hooks import add_sensitivity_analysis_hooks
 
         hooks = add_sensitivity_analysis_hooks(model)
     gc.collect()

@@ -16,7 +16,10 @@ import numpy as np
 
 from typing import TYPE_CHECKING
 
-from pytest_easyquant.compare import Row, ToleranceTable, compare_image, compare_values, histogram_distance
+from pytest_easyquant.check_report import Row
+from pytest_easyquant.compare import compare_values, histogram_distance
+from pytest_easyquant.image_compare import compare_image
+from pytest_easyquant.tolerances import ToleranceTable
 
 if TYPE_CHECKING:
     from pytest_easyquant.pipeline import ModelRun, Plan

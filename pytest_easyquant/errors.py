@@ -1,16 +1,16 @@
 """The plugin's two failure kinds: a baseline that cannot be used, and a check outside tolerance.
 
 Both carry a message meant for the user as it is; the plugin's items print them without a
-traceback.
+traceback. :func:`run_check` is the single place that turns a check's report with failing rows
+into a :class:`CheckFailure`.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-if TYPE_CHECKING:
-    from pytest_easyquant.compare import CheckReport
+from pytest_easyquant.check_report import CheckReport
 
 
 class BaselineError(Exception):
@@ -47,3 +47,9 @@ class CheckFailure(AssertionError):
 
     def __reduce__(self) -> tuple[Any, ...]:
         return (type(self), (self.report,))
+
+
+def run_check(report: CheckReport) -> None:
+    """The one routine every check ends in: raise CheckFailure if any row failed."""
+    if not report.passed:
+        raise CheckFailure(report)

@@ -14,18 +14,19 @@ from typing import Any
 
 import pytest
 
+from pytest_easyquant.check_report import Row
 from pytest_easyquant.checks import Payload
-from pytest_easyquant.compare import Row, ToleranceTable, Tolerance, ToleranceRule, compare_array, compare_image, compare_values, parse_rule
+from pytest_easyquant.compare import compare_array, compare_values
 from pytest_easyquant.errors import BaselineError, CheckFailure
+from pytest_easyquant.image_compare import compare_image
 from pytest_easyquant.naming import sanitize
 from pytest_easyquant.options import EQConfig
-from pytest_easyquant.session import EQSession, PipelineError
+from pytest_easyquant.session import EQSession, PipelineError, get_session
 from pytest_easyquant.storage import BaselineMetadata
+from pytest_easyquant.tolerances import Tolerance, ToleranceRule, ToleranceTable, parse_rule
 
 
 def _session(config: pytest.Config) -> EQSession:
-    from pytest_easyquant.plugin import get_session
-
     return get_session(config)
 
 
@@ -76,7 +77,7 @@ def eq_model(request: pytest.FixtureRequest, eq_request: Any) -> Any:
 
 @pytest.fixture
 def eq_loaders(request: pytest.FixtureRequest, eq_request: Any) -> Any:
-    """Calibration and evaluation loaders (``eqcore.models.data.Loaders``)."""
+    """Calibration and evaluation loaders (``eqcore.models.loaders.Loaders``)."""
     return _or_fail(_session(request.config).plan, eq_request).loaders
 
 
@@ -94,7 +95,7 @@ def eq_prepared(eq_run: Any) -> Any:
 
 @pytest.fixture
 def eq_sa(eq_run: Any) -> Any:
-    """The sensitivity-analysis results (``eqcore.analysis.hooks.SAResult``)."""
+    """The sensitivity-analysis results (``eqcore.analysis.sa_run.SAResult``)."""
     return eq_run.sa
 
 
@@ -216,7 +217,7 @@ class BaselineChecker:
             png = Path(figure_or_path).read_bytes()
             name = name or Path(figure_or_path).stem
         else:
-            from eqcore.plots.api import figure_to_png
+            from eqcore.plots.png import figure_to_png
 
             png = figure_to_png(figure_or_path)
             name = name or "figure"

@@ -18,7 +18,7 @@ _DASHES = re.compile(r"-{2,}")
 _SUFFIX = re.compile(r"^\.[A-Za-z0-9]+(\.[A-Za-z0-9]+)*$")
 _WINDOWS_RESERVED = {"CON", "PRN", "AUX", "NUL", *(f"COM{i}" for i in range(10)), *(f"LPT{i}" for i in range(10))}
 
-# Mirrors eqcore.models.zoo's rule for telling a weights file from a torchvision weights enum name.
+# Mirrors eqcore.models.weights's rule for telling a weights file from a torchvision weights enum name.
 _WEIGHT_FILE_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt", ".tar", ".pkl", ".safetensors")
 _ENUM_NAME = re.compile(r"^([A-Za-z][A-Za-z0-9_]*\.)?[A-Z][A-Z0-9_]*$")
 

@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 
-from pytest_easyquant.compare import ToleranceRule, parse_rule
+from pytest_easyquant.tolerances import ToleranceRule, parse_rule
 
 
 @dataclass(frozen=True)

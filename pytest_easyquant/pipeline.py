@@ -16,11 +16,14 @@ import numpy as np
 import torch
 from torch import nn
 
-from eqcore.models.data import Loaders, get_loaders
+from eqcore.models.loaders import Loaders, get_loaders
 from eqcore.errors import EQError
-from eqcore.analysis.hooks import SAResult, activation_quantizers, run_sensitivity_analysis
-from eqcore.analysis.metrics import DatasetEvaluation, Fidelity, evaluate_dataset, fidelity, per_layer_sqnr
-from eqcore.prepare.quantize import PreparedModel, calibrate, fake_quant_modules, prepare
+from eqcore.analysis.hooks import activation_quantizers
+from eqcore.analysis.sa_run import SAResult, run_sensitivity_analysis
+from eqcore.analysis.evaluate import DatasetEvaluation, evaluate_dataset, per_layer_sqnr
+from eqcore.analysis.metrics import Fidelity, fidelity
+from eqcore.prepare.calibrate import calibrate
+from eqcore.prepare.quantize import PreparedModel, fake_quant_modules, prepare
 from eqcore.quant.recipes import Recipe
 from eqcore.models.zoo import ZooModel
 

@@ -7,7 +7,8 @@ from typing import Any
 
 def render_check_plot(run: Any, target: str) -> bytes:
     """``act-sa-<quantizer>`` or ``weight-sa-<module>``: the SA plot of that tensor."""
-    from eqcore.plots.api import close_figure, figure_to_png, render_sa_hist
+    from eqcore.plots.png import close_figure, figure_to_png
+    from eqcore.plots.render import render_sa_hist
 
     kind, _, name = target.partition("-sa-")
     if kind == "act":

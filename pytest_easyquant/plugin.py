@@ -23,9 +23,8 @@ from pytest_easyquant.fixtures import (  # noqa: F401 - fixtures are registered 
     eq_sa,
 )
 from pytest_easyquant.registry import Registry, RegistryHooks
-from pytest_easyquant.session import EQSession, Outcome
+from pytest_easyquant.session import SESSION_KEY, EQSession, Outcome, get_session
 
-SESSION_KEY = pytest.StashKey[EQSession]()
 MARKERS = (
     "easyquant: a check of a generated pytest-easyquant suite",
     "eq_model(name, weights=None, data=None): run this test's easyquant fixtures on this model",
@@ -55,10 +54,6 @@ def pytest_configure(config: pytest.Config) -> None:
         # each model at most once; users' tests are then distributed by module.
         if getattr(config.option, "dist", None) == "load" and get_session(config).options.models:
             config.option.dist = "loadscope"
-
-
-def get_session(config: pytest.Config) -> EQSession:
-    return config.stash[SESSION_KEY]
 
 
 def _is_xdist_controller(config: pytest.Config) -> bool:

@@ -29,7 +29,7 @@ class Registry:
     def add_model(self, name: str, factory: Callable[..., Any], *, spec: Any = None) -> None:
         """Register ``factory`` (called with ``seed=`` if it accepts it) under ``name``.
 
-        ``spec`` (an ``eqcore.models.data.InputSpec``) describes the input; default: ImageNet 3x224x224.
+        ``spec`` (an ``eqcore.models.specs.InputSpec``) describes the input; default: ImageNet 3x224x224.
         """
         if not callable(factory):
             raise TypeError(f"registry.add_model({name!r}, ...): the factory must be callable")
@@ -54,9 +54,10 @@ class Registry:
         """A ZooModel for ``name``: a registered factory, or eqcore's zoo."""
         import torch
 
-        from eqcore.models.data import imagenet_spec
+        from eqcore.models.specs import imagenet_spec
         from eqcore.errors import EQError
-        from eqcore.models.zoo import ZooModel, get_model, load_weights_file
+        from eqcore.models.weights import load_weights_file
+        from eqcore.models.zoo import ZooModel, get_model
 
         factory = self.models.get(name)
         if factory is None:

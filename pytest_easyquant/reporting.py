@@ -14,8 +14,8 @@ from typing import Any
 
 import pytest
 
+from pytest_easyquant.atomic_files import atomic_write_bytes
 from pytest_easyquant.session import EQSession, Outcome
-from pytest_easyquant.storage import atomic_write_bytes
 
 HEADLINE_KINDS = ("accuracy", "fidelity")
 MAX_FAILED_ROWS = 25

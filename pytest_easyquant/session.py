@@ -14,10 +14,11 @@ from typing import Any
 
 import pytest
 
+from pytest_easyquant.baseline_usage import UsageTracker
 from pytest_easyquant.naming import baseline_dir
 from pytest_easyquant.options import EQConfig
 from pytest_easyquant.registry import Registry
-from pytest_easyquant.storage import BaselineMetadata, UsageTracker
+from pytest_easyquant.storage import BaselineMetadata
 
 
 class PipelineError(Exception):
@@ -150,3 +151,10 @@ class EQSession:
 
     def unused_baselines(self) -> list[Path]:
         return self.tracker.unused(sorted(self.suite_dirs), self.expected_files)
+
+
+SESSION_KEY = pytest.StashKey[EQSession]()
+
+
+def get_session(config: pytest.Config) -> EQSession:
+    return config.stash[SESSION_KEY]

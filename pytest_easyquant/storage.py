@@ -1,28 +1,25 @@
 """Baseline files: JSON for values, NPZ for arrays, PNG for plots, with a metadata block.
 
-Writes are atomic (temp file in the same folder + ``os.replace``), so readers and concurrent
-pytest-xdist workers never see a partial file and a killed process leaves the previous file
-intact. Files are byte-identical for identical content (sorted keys, no timestamps, fixed zip
-dates). Readers raise :class:`MissingBaseline` for an absent file and :class:`BaselineError`
-for anything unusable, each naming the file and the way out.
+Writes are atomic (:func:`~pytest_easyquant.atomic_files.atomic_write_bytes`). Files are
+byte-identical for identical content (sorted keys, no timestamps, fixed zip dates). Readers
+raise :class:`MissingBaseline` for an absent file and :class:`BaselineError` for anything
+unusable, each naming the file and the way out.
 """
 
 from __future__ import annotations
 
 import io
 import json
-import os
 import struct
-import tempfile
-import time
 import zipfile
 import zlib
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 from functools import lru_cache
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from pytest_easyquant.atomic_files import atomic_write_bytes
 from pytest_easyquant.errors import BaselineError, MissingBaseline
 
 if TYPE_CHECKING:
@@ -35,9 +32,6 @@ __all__ = [
     "MissingBaseline",
     "StoredArrays",
     "StoredJSON",
-    "UsageTracker",
-    "atomic_write_bytes",
-    "cleanup_temp_files",
     "read_json",
     "read_npz",
     "read_png",
@@ -48,11 +42,8 @@ __all__ = [
 
 SCHEMA_VERSION = 1
 RERECORD = "re-create it with `pytest --eq-update-baselines`"
-BASELINE_SUFFIXES = (".json", ".npz", ".png")
-METADATA_SIDECAR = "metadata.json"
 META_KEY = "__meta__"
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
-TEMP_SUFFIX = ".tmp"
 
 _VERSIONED = ("torch", "torchvision", "numpy", "matplotlib", "pytest_easyquant")
 _DISTRIBUTIONS = {"pytest_easyquant": "pytest-easyquant"}
@@ -176,87 +167,6 @@ class StoredArrays:
     metadata: BaselineMetadata
     tolerance: dict[str, Any] | None
     schema_version: int
-
-
-@lru_cache(maxsize=1)
-def _file_mode() -> int:
-    """0o666 minus the umask: what ``open()`` would give, instead of mkstemp's 0o600."""
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return 0o666 & ~mask
-
-
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` so that no reader ever sees a partial file.
-
-    The bytes go to a unique temp file in the same folder (``.<name>.<random>.tmp``), are
-    fsynced, and replace ``path`` in one ``os.replace``; the temp file is removed on any
-    failure. Concurrent writers of one path each replace it whole (the last one wins).
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, temp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=TEMP_SUFFIX, dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-            if hasattr(os, "fchmod"):
-                os.fchmod(handle.fileno(), _file_mode())
-        _replace(temp, path)
-    except BaseException:
-        try:
-            os.unlink(temp)
-        except OSError:
-            pass
-        raise
-    _fsync_directory(path.parent)
-
-
-def _replace(source: str, target: Path) -> None:
-    # On Windows, replacing a file another process has open fails for a moment; retry briefly.
-    for attempt in range(20):
-        try:
-            os.replace(source, target)
-            return
-        except PermissionError:
-            if os.name != "nt" or attempt == 19:
-                raise
-            time.sleep(0.05)
-
-
-def _fsync_directory(directory: Path) -> None:
-    """Make the rename durable where the platform allows opening a directory."""
-    if os.name == "nt":
-        return
-    try:
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def cleanup_temp_files(directory: Path, *, older_than: float = 3600.0) -> list[Path]:
-    """Remove ``.*.tmp`` files left under ``directory`` by killed writers, if older than
-    ``older_than`` seconds (younger ones may belong to a writer still running)."""
-    directory = Path(directory)
-    if not directory.is_dir():
-        return []
-    now = time.time()
-    removed = []
-    for candidate in sorted(directory.rglob(f".*{TEMP_SUFFIX}")):
-        try:
-            if candidate.is_file() and now - candidate.stat().st_mtime >= older_than:
-                candidate.unlink()
-                removed.append(candidate)
-        except OSError:
-            continue
-    return removed
 
 
 def _read_bytes(path: Path) -> bytes:
@@ -445,39 +355,3 @@ def read_png(path: Path) -> bytes:
     if problem:
         raise BaselineError(f"baseline {path} {problem}; {RERECORD}", path=path)
     return data
-
-
-class UsageTracker:
-    """Which baseline files this process read or wrote, to report the ones nothing used."""
-
-    def __init__(self) -> None:
-        self._used: set[Path] = set()
-
-    def mark(self, path: Path) -> None:
-        self._used.add(Path(path).resolve())
-
-    @property
-    def used(self) -> frozenset[Path]:
-        return frozenset(self._used)
-
-    def unused(self, directories: Iterable[Path], expected: set[Path]) -> list[Path]:
-        """Baseline files (json/npz/png; no temp files or ``metadata.json`` sidecars) under
-        ``directories`` that were neither used nor are in ``expected`` (the files of
-        deselected items), sorted."""
-        known = self._used | {Path(p).resolve() for p in expected}
-        found: set[Path] = set()
-        for directory in directories:
-            directory = Path(directory)
-            if not directory.is_dir():
-                continue
-            for candidate in directory.rglob("*"):
-                relative = candidate.relative_to(directory)
-                if (
-                    candidate.suffix in BASELINE_SUFFIXES
-                    and candidate.name != METADATA_SIDECAR
-                    and not any(part.startswith(".") for part in relative.parts)
-                    and candidate.is_file()
-                    and candidate.resolve() not in known
-                ):
-                    found.add(candidate)
-        return sorted(found)

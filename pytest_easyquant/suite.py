@@ -3,7 +3,7 @@
 Node ids are stable (``easyquant[<model>-<weights>-<recipe>]::<check>``), so ``-k``, ``-m``,
 ``--lf`` and pytest-xdist work on them. Every item goes through the same routine: obtain the
 values, then write them (update modes) or read the baseline and compare through
-``compare.run_check``.
+``errors.run_check``.
 """
 
 from __future__ import annotations
@@ -15,11 +15,11 @@ from typing import Any
 
 import pytest
 
+from pytest_easyquant.check_report import CheckReport, Row
 from pytest_easyquant.checks import Check, Payload, plan_checks
-from pytest_easyquant.compare import CheckReport, Row, ToleranceTable, run_check
-from pytest_easyquant.errors import BaselineError, CheckFailure
+from pytest_easyquant.errors import BaselineError, CheckFailure, run_check
 from pytest_easyquant.naming import baseline_file, sanitize, weights_label
-from pytest_easyquant.session import EQSession, Outcome, PipelineError
+from pytest_easyquant.session import EQSession, Outcome, PipelineError, get_session
 from pytest_easyquant.storage import (
     BaselineMetadata,
     MissingBaseline,
@@ -30,7 +30,7 @@ from pytest_easyquant.storage import (
     write_npz,
     write_png,
 )
-from pytest_easyquant.tolerances import tolerance_table
+from pytest_easyquant.tolerance_sources import tolerance_table
 
 QUIET_ERRORS = (CheckFailure, BaselineError, PipelineError)
 
@@ -103,8 +103,6 @@ class EQCheckItem(pytest.Item):
 
     @property
     def eq_session(self) -> EQSession:
-        from pytest_easyquant.plugin import get_session
-
         return get_session(self.config)
 
     @property

@@ -30,10 +30,13 @@ def main() -> None:
 
     import torchvision
 
-    from eqcore.models.data import eval_transform, find_sample, imagenet_spec, samples_loader
-    from eqcore.analysis.hooks import run_sensitivity_analysis
-    from eqcore.plots.api import render_sa_hist, save_figure
-    from eqcore.prepare.quantize import calibrate, prepare_model
+    from eqcore.models.samples import find_sample, samples_loader
+    from eqcore.models.specs import eval_transform, imagenet_spec
+    from eqcore.analysis.sa_run import run_sensitivity_analysis
+    from eqcore.plots.png import save_figure
+    from eqcore.plots.render import render_sa_hist
+    from eqcore.prepare.calibrate import calibrate
+    from eqcore.prepare.quantize import prepare_model
 
     torch.manual_seed(0)
     torch.set_num_threads(2)

@@ -1,7 +1,7 @@
 """Train the built-in digits model and write its weights to eqcore/assets/digits.pt.
 
 Deterministic: fixed seeds, one thread, deterministic algorithms, and the shared split from
-``eqcore.models.data.digits_split`` (so the held-out test digits are the ones the tests and plugin use).
+``eqcore.models.digits_data.digits_split`` (so the held-out test digits are the ones the tests and plugin use).
 Inputs are pixel/16 then normalized with the digits InputSpec's fixed mean/std; augmentation is a
 random shift of up to one pixel. Prints the held-out float accuracy; refuses to save below 97%.
 
@@ -18,8 +18,9 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from eqcore.models.data import digits_spec, digits_split
-from eqcore.models.zoo import DigitsNet
+from eqcore.models.digits_data import digits_split
+from eqcore.models.digits_net import DigitsNet
+from eqcore.models.specs import digits_spec
 
 MIN_ACCURACY = 0.97
 DEFAULT_OUTPUT = Path(__file__).resolve().parents[1] / "eqcore" / "assets" / "digits.pt"

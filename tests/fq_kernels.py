@@ -5,7 +5,7 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Iterator
 
-import eqcore.quant.quantizers as quantizers
+import eqcore.quant.kernels as kernels
 
 PATHS = ("host", "recompute", "device")
 
@@ -19,14 +19,14 @@ def kernel_path(path: str, chunk: int | None = None) -> Iterator[None]:
     spans several chunks."""
     if path not in PATHS:
         raise ValueError(f"unknown kernel path {path!r}; use one of {PATHS}")
-    saved = quantizers._reads_host, quantizers.CHUNK, quantizers.KEEP_FACTOR
+    saved = kernels._reads_host, kernels.CHUNK, kernels.KEEP_FACTOR
     if path == "device":
-        quantizers._reads_host = lambda t: False
+        kernels._reads_host = lambda t: False
     if path == "recompute":
-        quantizers.KEEP_FACTOR = False
+        kernels.KEEP_FACTOR = False
     if chunk is not None:
-        quantizers.CHUNK = chunk
+        kernels.CHUNK = chunk
     try:
         yield
     finally:
-        quantizers._reads_host, quantizers.CHUNK, quantizers.KEEP_FACTOR = saved
+        kernels._reads_host, kernels.CHUNK, kernels.KEEP_FACTOR = saved

@@ -15,7 +15,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from eqcore.models.data import InputSpec
+from eqcore.models.specs import InputSpec
 from eqcore.quant.recipes import W8A8
 
 TINY_SPEC = InputSpec(

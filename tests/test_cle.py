@@ -11,7 +11,9 @@ import torchvision
 from torch import fx, nn
 
 from eqcore import equalize, find_cle_pairs, float_convbn_to_conv, get_previous_module_node
-from eqcore.prepare.cle import CLEPairs, SkippedPair, absorb_high_bias, relu6_to_relu
+from eqcore.prepare.bias_absorption import absorb_high_bias
+from eqcore.prepare.cle import relu6_to_relu
+from eqcore.prepare.cle_pairs import CLEPairs, SkippedPair
 
 TUTORIAL_PAIRS = [
     ["layer1.0.conv1", "layer1.0.conv2"],
@@ -643,7 +645,8 @@ def test_high_bias_absorption_needs_statistics_and_a_valid_n_std():
 
 
 def test_prepare_applies_high_bias_absorption_after_cle():
-    from eqcore.prepare.quantize import calibrate, prepare
+    from eqcore.prepare.calibrate import calibrate
+    from eqcore.prepare.quantize import prepare
 
     torch.manual_seed(0)
     model = BiasedChain("conv").eval()

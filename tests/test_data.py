@@ -8,21 +8,17 @@ import torch
 from PIL import Image
 from torchvision import transforms as T
 
-from eqcore.models.data import (
+from eqcore.models.digits_data import digits_loaders, digits_split
+from eqcore.models.image_folder import image_folder_loader, scan_image_folder
+from eqcore.models.loaders import get_loaders
+from eqcore.models.samples import find_sample, sample_images, samples_loader
+from eqcore.models.specs import (
     DIGITS_MEAN,
     DIGITS_STD,
     InputSpec,
-    digits_loaders,
     digits_spec,
-    digits_split,
-    find_sample,
-    get_loaders,
-    image_folder_loader,
     imagenet_categories,
     imagenet_spec,
-    sample_images,
-    samples_loader,
-    scan_image_folder,
 )
 from eqcore.errors import EQError
 

@@ -1,4 +1,5 @@
-"""Grid-aligned binning, gradient binning and histogram statistics (eqcore.analysis.histogram)."""
+"""Grid-aligned binning, gradient binning and histogram statistics (eqcore.analysis.grid, binning,
+gradient_binning, histograms)."""
 
 from __future__ import annotations
 
@@ -8,18 +9,10 @@ import numpy as np
 import pytest
 import torch
 
-from eqcore.analysis.histogram import (
-    GradientHistogram,
-    GridBins,
-    QuantGrid,
-    TensorHistogram,
-    bin_gradient,
-    bin_indices,
-    bin_tensor,
-    histogram_stats,
-    resampled_grid,
-    scan_values,
-)
+from eqcore.analysis.binning import bin_indices, bin_tensor, scan_values
+from eqcore.analysis.gradient_binning import bin_gradient
+from eqcore.analysis.grid import GridBins, QuantGrid, resampled_grid
+from eqcore.analysis.histograms import GradientHistogram, TensorHistogram, histogram_stats
 
 GRID8 = GridBins.for_range(0, 255)
 

@@ -14,19 +14,16 @@ from torch import nn
 
 from eqcore._torch_ao import QConfig, QConfigMapping, prepare_qat_fx, tq
 from eqcore.errors import EQError
-from eqcore.prepare.quantize import calibrate, prepare_model
-from eqcore.analysis.histogram import bin_indices
-from eqcore.analysis.hooks import (
-    ActHistogram,
-    activation_quantizers,
-    add_activation_forward_hooks,
-    add_sensitivity_analysis_hooks,
-    run_sensitivity_analysis,
-    weight_histograms,
-)
-import eqcore.analysis.hooks as hooks_module
-from eqcore.analysis.histogram import GradientBinner
-from eqcore.quant.quantizers import EQFakeQuantize, EQLearnableFakeQuantize
+from eqcore.prepare.calibrate import calibrate
+from eqcore.prepare.quantize import prepare_model
+from eqcore.analysis.binning import bin_indices
+from eqcore.analysis.hooks import ActHistogram, activation_quantizers, add_activation_forward_hooks
+from eqcore.analysis.sa_hooks import add_sensitivity_analysis_hooks
+from eqcore.analysis.sa_run import run_sensitivity_analysis
+from eqcore.analysis.weights import weight_histograms
+import eqcore.analysis.sa_hooks as sa_hooks_module
+from eqcore.analysis.gradient_binning import GradientBinner
+from eqcore.quant.modules import EQFakeQuantize, EQLearnableFakeQuantize
 from eqcore.quant.toggles import disable_PTQ_observer
 from fq_kernels import kernel_path
 
@@ -481,7 +478,7 @@ def assert_same_results(got: dict[str, tuple], expected: dict[str, tuple]) -> No
 def tensor_hook_results(fx_model: nn.Module, monkeypatch: pytest.MonkeyPatch) -> dict[str, tuple]:
     """The SA results with every gradient binned by the tensor hook on the quantizer's output."""
     with monkeypatch.context() as patch:
-        patch.setattr(hooks_module, "observe_backward", lambda output, observer: False)
+        patch.setattr(sa_hooks_module, "observe_backward", lambda output, observer: False)
         return sa_results(fx_model)
 
 

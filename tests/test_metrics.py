@@ -11,16 +11,16 @@ import pytest
 import torch
 from torch import nn
 
-from eqcore.models.data import digits_loaders, get_loaders, imagenet_spec, sample_images
+from eqcore.models.digits_data import digits_loaders
+from eqcore.models.loaders import get_loaders
+from eqcore.models.samples import sample_images
+from eqcore.models.specs import imagenet_spec
 from eqcore.errors import EQError
+from eqcore.analysis.evaluate import collect_logits, evaluate, evaluate_dataset, per_layer_sqnr
 from eqcore.analysis.metrics import (
-    collect_logits,
     cosine_similarity,
-    evaluate,
-    evaluate_dataset,
     fidelity,
     kl_divergence,
-    per_layer_sqnr,
     sqnr,
     top1_agreement,
     topk_accuracy,

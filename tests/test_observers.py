@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from eqcore._torch_ao import tq
+from eqcore.quant.modules import EQLearnableFakeQuantize
 from eqcore.quant.observers import KLObserver, MSEObserver, PercentileObserver
-from eqcore.quant.quantizers import EQLearnableFakeQuantize
 
 OBSERVERS = (PercentileObserver, MSEObserver, KLObserver)
 

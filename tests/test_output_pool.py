@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from eqcore.quant.pool import OUTPUT_POOL, OutputPool
-from eqcore.quant.quantizers import learnable_fake_quantize, release_buffers
+from eqcore.quant.functional import learnable_fake_quantize
+from eqcore.quant.pool import OUTPUT_POOL, OutputPool, release_buffers
 
 SHAPE = (8, 16, 48, 48)  # 1.2 MiB in float32: above the pool's 1 MiB floor
 

@@ -1,4 +1,4 @@
-"""QTH / SA plots (eqcore.plots.api): images against baselines, byte stability, files and names.
+"""QTH / SA plots (eqcore.plots): images against baselines, byte stability, files and names.
 
 Image tests return their figure to pytest-mpl (``pytest --mpl`` compares it with
 ``baselines/mpl``; regenerate with ``pytest --mpl-generate-path=baselines/mpl
@@ -21,24 +21,16 @@ import torch
 from PIL import Image
 
 from eqcore.errors import EQError
-from eqcore.analysis.histogram import GradientHistogram, GridBins, QuantGrid, TensorHistogram
+from eqcore.analysis.grid import GridBins, QuantGrid
+from eqcore.analysis.histograms import GradientHistogram, TensorHistogram
 from eqcore.analysis.hooks import ActHistogram
-from eqcore.plots.api import (
-    PLOT_STYLE,
-    HistogramView,
-    PlotJob,
-    figure_to_png,
-    per_channel_boxplots,
-    plot_file_name,
-    plot_quant_act_hist,
-    plot_quant_act_SA_hist,
-    plot_quant_weight_hist,
-    render_act_hist,
-    render_many,
-    render_sa_hist,
-    render_weight_hist,
-    save_figure,
-)
+from eqcore.plots.api import plot_quant_act_hist, plot_quant_act_SA_hist, plot_quant_weight_hist
+from eqcore.plots.boxplots import per_channel_boxplots
+from eqcore.plots.jobs import PlotJob, plot_file_name, render_many
+from eqcore.plots.png import figure_to_png, save_figure
+from eqcore.plots.render import render_act_hist, render_sa_hist, render_weight_hist
+from eqcore.plots.style import PLOT_STYLE
+from eqcore.plots.view import HistogramView
 
 ROOT = Path(__file__).resolve().parents[1]
 image_compare = pytest.mark.mpl_image_compare(
@@ -195,7 +187,7 @@ def test_same_data_gives_identical_bytes(tmp_path):
 
 def test_cached_texts_look_like_plain_texts_and_do_not_depend_on_the_cache(monkeypatch):
     """The fixed texts are blitted from a cache: same look as drawing them, same bytes cold or warm."""
-    from eqcore.plots import render as _plot_render
+    from eqcore.plots import texts as _plot_texts
 
     hist, grads = activation_data()
 
@@ -204,14 +196,14 @@ def test_cached_texts_look_like_plain_texts_and_do_not_depend_on_the_cache(monke
         return png, np.asarray(Image.open(io.BytesIO(png))).astype(int)
 
     warm = {dpi: pixels(dpi) for dpi in (100, 50)}
-    monkeypatch.setattr(_plot_render._CachedTexts, "_tiles", type(_plot_render._CachedTexts._tiles)())
+    monkeypatch.setattr(_plot_texts._CachedTexts, "_tiles", type(_plot_texts._CachedTexts._tiles)())
     assert all(pixels(dpi)[0] == warm[dpi][0] for dpi in (100, 50))
 
     def draw_plainly(self, renderer):
         for text in self.texts:
             text.draw(renderer)
 
-    monkeypatch.setattr(_plot_render._CachedTexts, "draw", draw_plainly)
+    monkeypatch.setattr(_plot_texts._CachedTexts, "draw", draw_plainly)
     for dpi in (100, 50):
         png, plain = pixels(dpi)
         assert plain.shape == warm[dpi][1].shape
@@ -271,8 +263,9 @@ def test_imports_stay_light_and_pyplot_free():
     code = (
         "import sys, eqcore\n"
         "assert 'matplotlib' not in sys.modules, 'import eqcore imported matplotlib'\n"
-        "from eqcore.plots.api import render_act_hist\n"
-        "from eqcore.analysis.histogram import GridBins, TensorHistogram\n"
+        "from eqcore.plots.render import render_act_hist\n"
+        "from eqcore.analysis.grid import GridBins\n"
+        "from eqcore.analysis.histograms import TensorHistogram\n"
         "import torch\n"
         "h = TensorHistogram(GridBins.for_range(0, 15))\n"
         "h.update(torch.rand(100), torch.tensor([0.1]), torch.tensor([0.0]))\n"
@@ -385,7 +378,7 @@ def tutorial_model() -> torch.nn.Module:
 
     from eqcore._torch_ao import QConfig, QConfigMapping, prepare_qat_fx, tq
     from eqcore.prepare.fusion import convbn_to_conv
-    from eqcore.quant.quantizers import EQLearnableFakeQuantize
+    from eqcore.quant.modules import EQLearnableFakeQuantize
 
     torch.manual_seed(0)
     model = torchvision.models.resnet18()
@@ -412,9 +405,11 @@ def tutorial_model() -> torch.nn.Module:
 
 @pytest.mark.slow
 def test_sa_tutorial_plotting_cells_write_the_tutorials_files(tmp_path):
-    from eqcore.models.data import eval_transform, find_sample, imagenet_spec
-    from eqcore.analysis.hooks import add_activation_forward_hooks, add_sensitivity_analysis_hooks
-    from eqcore.quant.quantizers import EQLearnableFakeQuantize
+    from eqcore.models.samples import find_sample
+    from eqcore.models.specs import eval_transform, imagenet_spec
+    from eqcore.analysis.hooks import add_activation_forward_hooks
+    from eqcore.analysis.sa_hooks import add_sensitivity_analysis_hooks
+    from eqcore.quant.modules import EQLearnableFakeQuantize
     from eqcore.quant.toggles import disable_PTQ_observer, enable_fake_quant
 
     # The tutorial calibrates first (HistogramObserver, seconds); the files do not depend on it.

@@ -33,9 +33,10 @@ import pytest_easyquant.pipeline  # noqa: F401
 import pytest_easyquant.plotting  # noqa: F401
 import pytest_easyquant.reporting  # noqa: F401
 from plugin_models import Tiny, make_image_folder
-from pytest_easyquant.compare import Tolerance, compare_image
 from pytest_easyquant.errors import BaselineError
+from pytest_easyquant.image_compare import compare_image
 from pytest_easyquant.storage import read_json, read_npz, read_png
+from pytest_easyquant.tolerances import Tolerance
 
 pytest_plugins = ["pytester"]
 

@@ -11,21 +11,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from pytest_easyquant.compare import (
-    DEFAULT_RULES,
-    CheckReport,
-    Row,
-    Tolerance,
-    ToleranceRule,
-    ToleranceTable,
-    compare_array,
-    compare_image,
-    compare_values,
-    histogram_distance,
-    parse_rule,
-    run_check,
-)
-from pytest_easyquant.errors import CheckFailure
+from pytest_easyquant.check_report import CheckReport, Row
+from pytest_easyquant.compare import compare_array, compare_values, histogram_distance
+from pytest_easyquant.errors import CheckFailure, run_check
+from pytest_easyquant.image_compare import compare_image
+from pytest_easyquant.tolerances import DEFAULT_RULES, Tolerance, ToleranceRule, ToleranceTable, parse_rule
 
 EXACT = ToleranceTable([ToleranceRule("*", Tolerance(), "default")])
 

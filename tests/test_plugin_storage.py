@@ -19,13 +19,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from pytest_easyquant.atomic_files import atomic_write_bytes, cleanup_temp_files
+from pytest_easyquant.baseline_usage import UsageTracker
 from pytest_easyquant.errors import BaselineError, MissingBaseline
 from pytest_easyquant.storage import (
     SCHEMA_VERSION,
     BaselineMetadata,
-    UsageTracker,
-    atomic_write_bytes,
-    cleanup_temp_files,
     read_json,
     read_npz,
     read_png,
@@ -96,7 +95,7 @@ def test_failed_write_keeps_previous_file_and_removes_temp(tmp_path: Path) -> No
 WRITER = """
 import hashlib, sys
 from pathlib import Path
-from pytest_easyquant.storage import atomic_write_bytes
+from pytest_easyquant.atomic_files import atomic_write_bytes
 path, writer, count = Path(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3])
 for n in range(count):
     body = bytes([(writer * 31 + n) % 251]) * (50_000 + 997 * n)
@@ -151,7 +150,7 @@ for n in range(30):
 KILLED = """
 import sys
 from pathlib import Path
-from pytest_easyquant.storage import atomic_write_bytes
+from pytest_easyquant.atomic_files import atomic_write_bytes
 atomic_write_bytes(Path(sys.argv[1]), b"n" * int(sys.argv[2]))
 """
 

@@ -26,7 +26,8 @@ from eqcore import (
     sqnr,
 )
 from eqcore.errors import EQError
-from eqcore.analysis.metrics import collect_logits, evaluate_dataset, per_layer_sqnr, topk_accuracy
+from eqcore.analysis.evaluate import collect_logits, evaluate_dataset, per_layer_sqnr
+from eqcore.analysis.metrics import topk_accuracy
 from eqcore.prepare.quantize import fake_quant_modules, prepare
 from eqcore.quant.recipes import RECIPES, W8A8, QuantizerSpec
 

@@ -9,7 +9,8 @@ import torch
 import torchvision
 from torch import nn
 
-import eqcore.quant.quantizers as quantizers
+import eqcore.quant.functional as functional
+import eqcore.quant.kernels as kernels
 from eqcore import disable_PTQ_observer, enable_fake_quant, enable_PTQ_observer
 from eqcore._torch_ao import (
     FakeQuantizeBase,
@@ -19,7 +20,8 @@ from eqcore._torch_ao import (
     prepare_qat_fx,
     tq,
 )
-from eqcore.quant.quantizers import EPS, EQFakeQuantize, EQLearnableFakeQuantize, fake_quantize, learnable_fake_quantize
+from eqcore.quant.functional import EPS, fake_quantize, learnable_fake_quantize
+from eqcore.quant.modules import EQFakeQuantize, EQLearnableFakeQuantize
 
 
 def seed_qconfig_model(learnable_cls, act_observer=tq.HistogramObserver) -> torch.fx.GraphModule:  # noqa: ANN001
@@ -112,7 +114,7 @@ def test_qat_step_on_resnet18_with_weights_keeping_their_factor_of_ds() -> None:
     x = image_batch(32)
     grads = {}
     factors = []
-    keeping = quantizers._fake_quantize_keeping_factor
+    keeping = functional._fake_quantize_keeping_factor
 
     def counted(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
         factors.append(args[0].shape)
@@ -129,11 +131,11 @@ def test_qat_step_on_resnet18_with_weights_keeping_their_factor_of_ds() -> None:
             if isinstance(module, EQLearnableFakeQuantize):
                 module.enable_param_learning()
         with kernel_path(path):
-            quantizers._fake_quantize_keeping_factor = counted
+            functional._fake_quantize_keeping_factor = counted
             try:
                 model(x).square().mean().backward()
             finally:
-                quantizers._fake_quantize_keeping_factor = keeping
+                functional._fake_quantize_keeping_factor = keeping
         grads[path] = {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
     assert len(factors) == 20  # every conv weight (conv and batch norm folded), on the host path only
     assert grads["host"].keys() == grads["recompute"].keys()
@@ -443,7 +445,7 @@ def test_no_host_sync_in_forward_and_backward(monkeypatch: pytest.MonkeyPatch, s
     ).enable_param_learning()
     with monkeypatch.context() as patch:
         # The kernels as on a GPU: on the CPU they may read values (host memory, no sync).
-        patch.setattr(quantizers, "_reads_host", lambda t: False)
+        patch.setattr(kernels, "_reads_host", lambda t: False)
         _no_host_sync(patch)
         with pytest.raises(AssertionError, match="host synchronisation"):
             torch.ones(1).item()  # the patch bites

@@ -14,15 +14,14 @@ import torch
 from hypothesis import assume, example, given, settings
 from hypothesis import strategies as st
 
-from eqcore.quant.quantizers import (
-    EQFakeQuantize,
-    EQLearnableFakeQuantize,
+from eqcore.quant.functional import (
     check_quant_range,
     fake_quantize,
     grad_scaling_factor,
     learnable_fake_quantize,
     normalize_axis,
 )
+from eqcore.quant.modules import EQFakeQuantize, EQLearnableFakeQuantize
 from eqcore.testing import check_fake_quantize, reference_fake_quantize, run_fake_quantize
 from eqcore._torch_ao import tq
 from fq_kernels import PATHS, kernel_path
@@ -648,7 +647,7 @@ def test_which_quantizations_keep_the_factor(monkeypatch: pytest.MonkeyPatch) ->
     def fail(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
         raise AssertionError("the factor was computed under no_grad")
 
-    monkeypatch.setattr("eqcore.quant.quantizers._fake_quantize_keeping_factor", fail)
+    monkeypatch.setattr("eqcore.quant.functional._fake_quantize_keeping_factor", fail)
     with torch.no_grad():
         y = learnable_fake_quantize(leaf, learnable, zeros, -128, 127, ch_axis=0)
     assert_bits_equal(y, learnable_fake_quantize(leaf.detach(), scale, zeros, -128, 127, ch_axis=0), "y under no_grad")

@@ -17,7 +17,7 @@ from hypothesis import Phase, find, given, settings
 from hypothesis import strategies as st
 from hypothesis.errors import InvalidArgument
 
-from eqcore.quant.quantizers import check_quant_range, learnable_fake_quantize
+from eqcore.quant.functional import check_quant_range, learnable_fake_quantize
 from eqcore.testing import reference_fake_quantize, run_fake_quantize
 from pytest_easyquant.strategies import (
     FakeQuantCase,

@@ -10,7 +10,7 @@ from torch import nn
 
 from eqcore import disable_fake_quant, disable_PTQ_observer, enable_fake_quant, enable_param_learning, enable_PTQ_observer
 from eqcore._torch_ao import FakeQuantizeBase, _LearnableFakeQuantize, tq
-from eqcore.quant.quantizers import EQFakeQuantize, EQLearnableFakeQuantize
+from eqcore.quant.modules import EQFakeQuantize, EQLearnableFakeQuantize
 
 KINDS = {
     "EQLearnableFakeQuantize": EQLearnableFakeQuantize,

@@ -11,10 +11,12 @@ import torch
 import torchvision
 from torch import nn
 
-from eqcore.models.data import digits_loaders, imagenet_categories
+from eqcore.models.digits_data import digits_loaders
+from eqcore.models.specs import imagenet_categories
 from eqcore.errors import EQError
-from eqcore.analysis.metrics import evaluate_dataset
-from eqcore.models.zoo import DigitsNet, ZooModel, available_models, digits_weights_path, get_model
+from eqcore.analysis.evaluate import evaluate_dataset
+from eqcore.models.digits_net import DigitsNet, digits_weights_path
+from eqcore.models.zoo import ZooModel, available_models, get_model
 
 
 def _same_state(a: nn.Module, b: nn.Module) -> bool:
@@ -158,7 +160,7 @@ def factory_module(tmp_path, monkeypatch):
             """
             import torch
             from torch import nn
-            from eqcore.models.data import InputSpec
+            from eqcore.models.specs import InputSpec
             from eqcore.models.zoo import ZooModel
 
             def tiny():

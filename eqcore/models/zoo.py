@@ -30,10 +30,7 @@ import difflib
 import functools
 import importlib
 import os
-import re
-from collections.abc import Mapping
 from dataclasses import dataclass
-from importlib import resources
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
@@ -41,25 +38,20 @@ from urllib.parse import urlparse
 import torch
 from torch import nn
 
-from eqcore.models.data import InputSpec, digits_spec, imagenet_spec
 from eqcore.errors import EQError
+from eqcore.models.digits_net import DigitsNet, digits_weights_path
+from eqcore.models.specs import InputSpec, digits_spec, imagenet_spec
+from eqcore.models.weights import _is_weights_path, _load_into, load_state_dict_file, load_weights_file
 
 __all__ = [
-    "DigitsNet",
-    "InputSpec",
     "ZooModel",
     "available_models",
-    "digits_weights_path",
     "get_model",
-    "load_state_dict_file",
-    "load_weights_file",
 ]
 
 DIGITS = "digits"
 _AUX_MODELS = ("googlenet", "inception_v3")
 _AUX_PREFIXES = ("aux1.", "aux2.", "AuxLogits.")
-_WEIGHT_FILE_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt", ".tar", ".pkl", ".safetensors")
-_ENUM_NAME = re.compile(r"^([A-Za-z][A-Za-z0-9_]*\.)?[A-Z][A-Z0-9_]*$")
 
 
 @dataclass
@@ -93,57 +85,6 @@ class ZooModel:
         return self.spec.example_inputs(batch_size, seed=seed)
 
 
-class _DigitsBlock(nn.Module):
-    """Residual block: conv-bn-relu-conv-bn, identity add, relu (one ReLU module per use)."""
-
-    def __init__(self, channels: int):
-        super().__init__()
-        self.conv1 = nn.Conv2d(channels, channels, 3, padding=1, bias=False)
-        self.bn1 = nn.BatchNorm2d(channels)
-        self.relu1 = nn.ReLU()
-        self.conv2 = nn.Conv2d(channels, channels, 3, padding=1, bias=False)
-        self.bn2 = nn.BatchNorm2d(channels)
-        self.relu2 = nn.ReLU()
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = self.relu1(self.bn1(self.conv1(x)))
-        out = self.bn2(self.conv2(out))
-        return self.relu2(out + x)
-
-
-class DigitsNet(nn.Module):
-    """Small residual CNN for 1x8x8 digits: stem, residual block, stride-2 conv, residual block,
-    global average pool, linear. FX-traceable, with the conv-bn(-relu) patterns that fusion and
-    ``prepare_qat_fx`` look for, so it exercises the whole quantization path in seconds.
-    """
-
-    def __init__(self, width: int = 16, num_classes: int = 10):
-        super().__init__()
-        self.conv1 = nn.Conv2d(1, width, 3, padding=1, bias=False)
-        self.bn1 = nn.BatchNorm2d(width)
-        self.relu = nn.ReLU()
-        self.layer1 = _DigitsBlock(width)
-        self.down = nn.Conv2d(width, 2 * width, 3, stride=2, padding=1, bias=False)
-        self.down_bn = nn.BatchNorm2d(2 * width)
-        self.down_relu = nn.ReLU()
-        self.layer2 = _DigitsBlock(2 * width)
-        self.avgpool = nn.AdaptiveAvgPool2d(1)
-        self.fc = nn.Linear(2 * width, num_classes)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.relu(self.bn1(self.conv1(x)))
-        x = self.layer1(x)
-        x = self.down_relu(self.down_bn(self.down(x)))
-        x = self.layer2(x)
-        x = torch.flatten(self.avgpool(x), 1)
-        return self.fc(x)
-
-
-def digits_weights_path() -> Path:
-    """Where the shipped digits weights live (written by ``scripts/train_digits.py``)."""
-    return Path(str(resources.files("eqcore").joinpath("assets", "digits.pt")))
-
-
 @functools.lru_cache(maxsize=1)
 def _torchvision_names() -> tuple[str, ...]:
     import torchvision
@@ -154,84 +95,6 @@ def _torchvision_names() -> tuple[str, ...]:
 def available_models() -> list[str]:
     """Every torchvision classification model name plus "digits", sorted."""
     return sorted([*_torchvision_names(), DIGITS])
-
-
-def load_state_dict_file(path: str | Path) -> dict[str, torch.Tensor]:
-    """Load and check a state-dict file safely (``weights_only=True``); EQError says what is wrong.
-
-    A lone top-level "state_dict" or "model" key is unwrapped, and a "module." prefix on every key
-    (from DataParallel) is stripped.
-    """
-    file = Path(path).expanduser()
-    save_hint = "save one with torch.save(model.state_dict(), path)"
-    if not file.exists():
-        raise EQError(f"weights file {str(file)!r} does not exist; pass an existing state-dict file ({save_hint})")
-    if not file.is_file():
-        raise EQError(f"weights path {str(file)!r} is not a file; pass a state-dict file ({save_hint})")
-    try:
-        loaded = torch.load(file, map_location="cpu", weights_only=True)
-    except Exception as exc:
-        raise EQError(
-            f"cannot load weights file {str(file)!r} with torch.load(weights_only=True) "
-            f"({type(exc).__name__}): it is not a torch.save file of plain tensors. It must be a state "
-            f"dict ({save_hint}); pickled modules and other objects are not loaded, for safety"
-        ) from exc
-    if isinstance(loaded, Mapping) and len(loaded) == 1:
-        (key, value), = loaded.items()
-        if key in ("state_dict", "model") and isinstance(value, Mapping):
-            loaded = value
-    if not isinstance(loaded, Mapping):
-        raise EQError(
-            f"weights file {str(file)!r} holds a {type(loaded).__name__}, not a state dict (a mapping "
-            f"from parameter names to tensors); {save_hint}"
-        )
-    bad = [str(k) for k, v in loaded.items() if not isinstance(k, str) or not isinstance(v, torch.Tensor)]
-    if bad or not loaded:
-        detail = f"entries that are not tensors: {bad[:5]}" if bad else "it is empty"
-        raise EQError(
-            f"weights file {str(file)!r} is not a state dict of tensors ({detail}); if it is a training "
-            f"checkpoint, save the model's state dict alone ({save_hint})"
-        )
-    state = dict(loaded)
-    if all(k.startswith("module.") for k in state):
-        state = {k[len("module."):]: v for k, v in state.items()}
-    return state
-
-
-def load_weights_file(model: nn.Module, file: str | Path, *, model_name: str) -> None:
-    """Load a state-dict file into ``model`` strictly; EQError in one line naming what does not fit."""
-    _load_into(model, load_state_dict_file(file), file=str(file), model_name=model_name)
-
-
-def _load_into(model: nn.Module, state: dict[str, torch.Tensor], *, file: str, model_name: str) -> None:
-    expected = model.state_dict()
-    missing = [k for k in expected if k not in state]
-    unexpected = [k for k in state if k not in expected]
-    mismatched = [
-        f"{k}: file {tuple(state[k].shape)} vs model {tuple(v.shape)}"
-        for k, v in expected.items()
-        if k in state and tuple(state[k].shape) != tuple(v.shape)
-    ]
-    if missing or unexpected or mismatched:
-        problems = []
-        if missing:
-            problems.append(f"{len(missing)} missing keys {missing[:5]}")
-        if unexpected:
-            problems.append(f"{len(unexpected)} unexpected keys {unexpected[:5]}")
-        if mismatched:
-            problems.append(f"{len(mismatched)} shape mismatches {mismatched[:5]}")
-        raise EQError(
-            f"weights file {file!r} does not fit model {model_name!r}: {'; '.join(problems)}. Pass a "
-            f"state dict saved from this exact architecture (torch.save(model.state_dict(), path)); "
-            "for a changed head or layers, load it through your own 'package.module:callable' factory"
-        )
-    model.load_state_dict(state, strict=True)
-
-
-def _is_weights_path(weights: str) -> bool:
-    if os.path.exists(weights) or weights.lower().endswith(_WEIGHT_FILE_SUFFIXES):
-        return True
-    return os.sep in weights or "/" in weights or not _ENUM_NAME.match(weights)
 
 
 def _unknown_model(name: str) -> EQError:
@@ -419,7 +282,7 @@ def _from_factory(name: str, weights: str, *, seed: int) -> ZooModel:
             None,
         )
         if spec is not None and not isinstance(spec, InputSpec):
-            raise EQError(f"model {name!r}: eq_input_spec must be an eqcore.models.data.InputSpec, got {type(spec).__name__}")
+            raise EQError(f"model {name!r}: eq_input_spec must be an eqcore.models.specs.InputSpec, got {type(spec).__name__}")
         zoo_model = ZooModel(model=built, name=name, weights="none", spec=spec or imagenet_spec())
     else:
         raise EQError(

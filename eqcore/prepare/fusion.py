@@ -122,7 +122,7 @@ PREACT_STD = "eq_preact_std"
 def _record_output_statistics(layer: nn.Module, bn: nn.modules.batchnorm._BatchNorm) -> None:
     """Keep what the folded BatchNorm said about the layer's output: per channel, mean beta and
     standard deviation |gamma| (non-persistent buffers, so state dicts are unchanged).
-    ``eqcore.prepare.cle.absorb_high_bias`` reads them; ``equalize`` rescales them with the channels."""
+    ``eqcore.prepare.bias_absorption.absorb_high_bias`` reads them; ``equalize`` rescales them with the channels."""
     reference = layer.weight.detach()
     channels = bn.num_features
     beta = bn.bias.detach() if bn.bias is not None else torch.zeros(channels)
@@ -141,7 +141,7 @@ def float_convbn_to_conv(traced: fx.GraphModule, *, inplace: bool = False) -> fx
     the graph recompiled. ``affine=False`` BatchNorms fold as gamma = 1, beta = 0.
 
     The layer also keeps the BatchNorm's description of its output (per-channel mean beta and
-    standard deviation |gamma|) as non-persistent buffers, for :func:`eqcore.prepare.cle.absorb_high_bias`.
+    standard deviation |gamma|) as non-persistent buffers, for :func:`eqcore.prepare.bias_absorption.absorb_high_bias`.
 
     BatchNorms without running statistics (``track_running_stats=False``) normalise with batch
     statistics even in eval mode, so they cannot be folded: they are left in the graph unchanged.

@@ -1,26 +1,27 @@
 """Float model -> calibrated fake-quant model, the CLE tutorial's workflow as one call.
 
 trace (torch.fx) -> fold BatchNorm into the preceding layers -> optional cross-layer
-equalization -> torch.ao ``prepare_qat_fx`` with a recipe's eqcore quantizers. ``calibrate`` then
-runs data through the model with the observers setting scales and zero points.
+equalization -> torch.ao ``prepare_qat_fx`` with a recipe's eqcore quantizers. These are the
+backend-neutral entry points; the FX-specific steps (tracing, ``prepare_qat_fx``) are in
+`eqcore.prepare.fx`, and ``calibrate`` is in `eqcore.prepare.calibrate`.
 """
 
 from __future__ import annotations
 
-import copy
-import warnings
-from collections.abc import Iterable
 from dataclasses import dataclass
 
 import torch
 from torch import fx, nn
 
-from eqcore._torch_ao import FakeQuantizeBase, prepare_qat_fx
-from eqcore.prepare.cle import CLEPairs, absorb_high_bias, equalize, find_cle_pairs
+from eqcore._torch_ao import FakeQuantizeBase
 from eqcore.errors import EQError
+from eqcore.prepare.bias_absorption import absorb_high_bias
+from eqcore.prepare.cle import equalize
+from eqcore.prepare.cle_pairs import CLEPairs, find_cle_pairs
 from eqcore.prepare.fusion import float_convbn_to_conv
+from eqcore.prepare.fx import insert_quantizers, trace
 from eqcore.quant.recipes import Recipe, get_recipe
-from eqcore.quant.toggles import disable_PTQ_observer, enable_fake_quant, enable_PTQ_observer
+from eqcore.quant.toggles import enable_fake_quant, enable_PTQ_observer
 
 
 @dataclass
@@ -44,20 +45,6 @@ class PreparedModel:
 def fake_quant_modules(model: nn.Module) -> dict[str, FakeQuantizeBase]:
     """Every fake-quant module of ``model`` by qualified name."""
     return {name: m for name, m in model.named_modules() if isinstance(m, FakeQuantizeBase)}
-
-
-def trace(model: nn.Module) -> fx.GraphModule:
-    """``torch.fx.symbolic_trace`` with an error that says what to do when tracing fails."""
-    if isinstance(model, fx.GraphModule):
-        return copy.deepcopy(model)
-    try:
-        return fx.symbolic_trace(copy.deepcopy(model))
-    except Exception as exc:  # tracing raises many types; all mean the same to the user
-        raise EQError(
-            f"{type(model).__name__} is not FX-traceable ({type(exc).__name__}: {exc}); "
-            "make its forward free of data-dependent control flow, or wrap the untraceable "
-            "part with torch.fx.wrap"
-        ) from exc
 
 
 def prepare(
@@ -91,12 +78,7 @@ def prepare(
             raise ValueError("high_bias_absorption needs fuse_bn=True: it uses the folded BatchNorms' statistics")
         pairs = pairs if pairs is not None else find_cle_pairs(float_model)
         float_model = absorb_high_bias(float_model, pairs, inplace=True)[0]
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", DeprecationWarning)
-        warnings.simplefilter("ignore", FutureWarning)
-        quant_model = prepare_qat_fx(
-            copy.deepcopy(float_model), recipe.qconfig_mapping(float_model), example_inputs
-        )
+    quant_model = insert_quantizers(float_model, recipe, example_inputs)
     quant_model.eval()
     if not fake_quant_modules(quant_model):
         raise EQError(
@@ -119,33 +101,3 @@ def prepare_model(
     """The fake-quant model of :func:`prepare` (see there)."""
     return prepare(model, recipe, example_inputs, fuse_bn=fuse_bn, cle=cle, **kwargs).model
 
-
-def calibrate(
-    model: nn.Module,
-    loader: Iterable,
-    *,
-    batches: int | None = None,
-    device: torch.device | str | None = None,
-) -> int:
-    """Run data through ``model`` with the observers setting the qparams, then freeze them.
-
-    Batches may be tensors or (inputs, labels) pairs. Returns the number of samples seen. The
-    model is left in eval mode with fake quantization on and the observers off.
-    """
-    model.eval()
-    model.apply(enable_fake_quant)
-    model.apply(enable_PTQ_observer)
-    seen = 0
-    with torch.no_grad():
-        for index, batch in enumerate(loader):
-            if batches is not None and index >= batches:
-                break
-            inputs = batch[0] if isinstance(batch, (list, tuple)) else batch
-            if device is not None:
-                inputs = inputs.to(device)
-            model(inputs)
-            seen += inputs.shape[0]
-    if seen == 0:
-        raise EQError("calibrate() got no data: the loader is empty")
-    model.apply(disable_PTQ_observer)
-    return seen

@@ -20,8 +20,9 @@ from torch import nn
 
 from eqcore._torch_ao import QConfig, QConfigMapping, tq
 from eqcore.errors import EQError
+from eqcore.quant.functional import check_quant_range
+from eqcore.quant.modules import EQFakeQuantize, EQLearnableFakeQuantize
 from eqcore.quant.observers import KLObserver, MSEObserver, PercentileObserver
-from eqcore.quant.quantizers import EQFakeQuantize, EQLearnableFakeQuantize, check_quant_range
 
 OBSERVERS: dict[str, Any] = {
     "minmax": tq.MinMaxObserver,

@@ -1,0 +1,111 @@
+"""Built-in data that works offline: sample photos, scikit-learn's digits, and ImageFolder trees.
+
+``get_loaders`` picks the data source by name (or directory) and builds its calibration and
+evaluation loaders for a model's input spec, refusing data that cannot feed that model.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader
+
+from eqcore.errors import EQError
+from eqcore.models.datasets import _check_batch_size, _loader
+from eqcore.models.digits_data import _check_digits_spec, _normalized_tensor_dataset, digits_loaders, digits_split
+from eqcore.models.image_folder import image_folder_loader, scan_image_folder
+from eqcore.models.samples import samples_loader
+from eqcore.models.specs import InputSpec
+
+__all__ = [
+    "Loaders",
+    "get_loaders",
+]
+
+BUILTIN_DATA: tuple[str, ...] = ("samples", "digits")
+
+
+@dataclass(frozen=True)
+class Loaders:
+    """Calibration and evaluation loaders of one data source, ready for the plugin."""
+
+    name: str
+    calib: DataLoader
+    eval: DataLoader
+    has_labels: bool
+    num_calib: int
+    num_eval: int
+
+
+def _dataset_labels(loader: DataLoader) -> list[int]:
+    dataset = loader.dataset
+    if isinstance(dataset, torch.utils.data.TensorDataset):
+        return dataset.tensors[1].tolist()
+    return list(dataset._labels)  # type: ignore[attr-defined]
+
+
+def get_loaders(
+    data: str,
+    spec: InputSpec,
+    *,
+    batch_size: int = 16,
+    calib_batches: int = 4,
+    seed: int = 0,
+    model_name: str | None = None,
+) -> Loaders:
+    """Calibration and evaluation loaders for ``data`` ("samples", "digits" or a directory).
+
+    - samples: calib = ``calib_batches * batch_size`` seeded augmented crops, eval = each photo once;
+    - digits: calib = the first ``calib_batches * batch_size`` training digits, eval = the test split;
+    - directory: calib = a seeded subset of ``calib_batches * batch_size`` images, eval = all images.
+
+    Raises EQError when the data cannot feed a model with ``spec`` (e.g. digits for resnet18).
+    """
+    _check_batch_size(batch_size)
+    if calib_batches < 1:
+        raise EQError(f"calib_batches must be a positive integer, got {calib_batches}")
+    n_calib = calib_batches * batch_size
+    who = f"model {model_name!r}" if model_name else "the model"
+    if data == "digits":
+        _check_digits_spec(spec, model_name=model_name)
+        split = digits_split()
+        n = min(n_calib, len(split.y_train))
+        calib = _loader(_normalized_tensor_dataset(split.x_train[:n], split.y_train[:n], spec), batch_size)
+        evaluation = digits_loaders(spec, batch_size=batch_size).test
+        name = "digits"
+    elif data == "samples":
+        if spec.default_data == "digits" or spec.channels not in (1, 3):
+            raise EQError(
+                f"the samples data are ImageNet-style photos, but {who} expects "
+                f"{'x'.join(map(str, spec.shape))} inputs ({spec.default_data} data); "
+                f"use --eq-data {spec.default_data} for this model"
+            )
+        calib = samples_loader(spec, split="calib", batch_size=batch_size, n_augmented=n_calib, seed=seed)
+        evaluation = samples_loader(spec, split="eval", batch_size=batch_size)
+        name = "samples"
+    else:
+        path = Path(data).expanduser()
+        if not path.exists():
+            raise EQError(
+                f"--eq-data {data!r} is neither a built-in data set ({', '.join(BUILTIN_DATA)}) nor an "
+                "existing directory; pass 'samples', 'digits' or the path of an ImageFolder directory"
+            )
+        if spec.channels not in (1, 3):
+            raise EQError(f"image folders can only feed 1- or 3-channel models; {who} expects {spec.shape}")
+        index = scan_image_folder(path, spec)
+        order = np.random.RandomState(seed).permutation(len(index.files))[:n_calib]
+        calib = image_folder_loader(path, spec, batch_size=batch_size, indices=sorted(order.tolist()))
+        evaluation = image_folder_loader(path, spec, batch_size=batch_size)
+        name = str(path)
+    eval_labels = _dataset_labels(evaluation)
+    return Loaders(
+        name=name,
+        calib=calib,
+        eval=evaluation,
+        has_labels=any(label >= 0 for label in eval_labels),
+        num_calib=len(calib.dataset),  # type: ignore[arg-type]
+        num_eval=len(eval_labels),
+    )
