@@ -1,0 +1,1 @@
+"""Models by name (torchvision, digits, factories) and their offline data."""

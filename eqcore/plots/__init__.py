@@ -1,0 +1,1 @@
+"""QTH and sensitivity-analysis plots: the seeds' plot API and the renderer behind it."""

@@ -1,0 +1,1 @@
+"""Fake quantization: the functional numerics, its kernels, the modules, observers, toggles and recipes."""
