@@ -200,11 +200,17 @@ class EQLearnableFakeQuantize(_FlagsMixin, FakeQuantizeBase):
         if _is_symmetric(self.qscheme):
             self.zero_point.data.zero_()
         grad_factor = grad_scaling_factor(x.numel(), self.quant_max) if self.use_grad_scaling else 1.0
-        # Symmetric schemes pin z = 0: it gets no gradient, so an optimizer cannot move it.
-        zero_point = self.zero_point.detach() if _is_symmetric(self.qscheme) else self.zero_point
+        # Symmetric schemes pin z = 0: its gradient is 0 (an optimizer cannot move it), but it
+        # gets one, like torch's module (the seeds assert every parameter has a .grad). Adding
+        # 0 * z (exactly 0) to the scale links it to the graph at the cost of one tiny op.
+        scale, zero_point = self.scale, self.zero_point
+        if _is_symmetric(self.qscheme):
+            zero_point = self.zero_point.detach()
+            if self.zero_point.requires_grad and torch.is_grad_enabled():
+                scale = torch.add(self.scale, self.zero_point, alpha=0)
         return learnable_fake_quantize(
             x,
-            self.scale,
+            scale,
             zero_point,
             self.quant_min,
             self.quant_max,
