@@ -116,6 +116,7 @@ def test_calibrate_sets_qparams_then_freezes_them(digits):
     calibrated = act.scale.detach().clone()
     assert float(calibrated) != 1.0
     assert not act._observer_on and act._fake_quant_on
+    assert not any(p.requires_grad for name, p in model.named_parameters() if name.endswith((".scale", ".zero_point")))
     images, _ = next(iter(loaders.eval))
     model(images * 10)
     assert torch.equal(act.scale.detach(), calibrated)

@@ -66,9 +66,9 @@ def test_enable_ptq_observer_makes_qparams_follow_the_data(kind: str) -> None:
     if isinstance(fq, LEARNABLE):
         fq.enable_param_learning()
     fq.apply(enable_PTQ_observer)
-    if isinstance(fq, LEARNABLE):  # static estimate: the observer overrides learning
-        assert int(fq.learning_enabled[0]) == 0 and int(fq.static_enabled[0]) == 1
-        assert not fq.scale.requires_grad
+    if isinstance(fq, LEARNABLE):  # the seeds' toggle: only the observer switches, the observer wins
+        assert int(fq.static_enabled[0]) == 1
+        assert fq.scale.requires_grad and fq.zero_point.requires_grad
     else:
         assert int(fq.observer_enabled[0]) == 1
     x1, x2 = torch.linspace(-1.0, 3.0, 9), torch.linspace(-4.0, 6.0, 5)
@@ -148,3 +148,19 @@ def test_toggle_state_survives_state_dict_round_trip() -> None:
     fresh[1].enable_fake_quant()
     fresh[1](x * 100)
     assert torch.equal(fresh[1].scale.detach(), scale)  # observer off came with the buffers
+
+
+@pytest.mark.parametrize("kind", ["EQLearnableFakeQuantize", "torch _LearnableFakeQuantize"])
+def test_ptq_observer_toggles_keep_every_parameter_trainable_as_in_the_seeds(kind: str) -> None:
+    """The SA tutorial calibrates with enable_PTQ_observer, turns it off, backpropagates and then
+    asserts every parameter of the model has a .grad: the toggles must not touch requires_grad."""
+    model = model_with(kind)
+    x = torch.randn(8, 4, generator=torch.Generator().manual_seed(2))
+    model.apply(enable_fake_quant)
+    model.apply(enable_PTQ_observer)
+    with torch.no_grad():
+        model(x)
+    model.apply(disable_PTQ_observer)
+    model(x).mean().backward()
+    missing = [name for name, parameter in model.named_parameters() if parameter.grad is None]
+    assert not missing, f"no .grad after backward: {missing}"

@@ -13,7 +13,12 @@ import torch
 from torch import nn
 
 from eqcore.errors import EQError
-from eqcore.quant.toggles import disable_PTQ_observer, enable_fake_quant, enable_PTQ_observer
+from eqcore.quant.toggles import (
+    disable_param_learning,
+    disable_PTQ_observer,
+    enable_fake_quant,
+    enable_PTQ_observer,
+)
 
 
 def calibrate(
@@ -26,10 +31,12 @@ def calibrate(
     """Run data through ``model`` with the observers setting the qparams, then freeze them.
 
     Batches may be tensors or (inputs, labels) pairs. Returns the number of samples seen. The
-    model is left in eval mode with fake quantization on and the observers off.
+    model is left in eval mode with fake quantization on, the observers off and qparam learning
+    off (the qparams do not require grad, so a later SA pass does not compute their gradients).
     """
     model.eval()
     model.apply(enable_fake_quant)
+    model.apply(disable_param_learning)
     model.apply(enable_PTQ_observer)
     seen = 0
     with torch.no_grad():

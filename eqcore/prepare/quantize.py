@@ -21,7 +21,7 @@ from eqcore.prepare.cle_pairs import CLEPairs, find_cle_pairs
 from eqcore.prepare.fusion import float_convbn_to_conv
 from eqcore.prepare.fx import insert_quantizers, trace
 from eqcore.quant.recipes import Recipe, get_recipe
-from eqcore.quant.toggles import enable_fake_quant, enable_PTQ_observer
+from eqcore.quant.toggles import disable_param_learning, enable_fake_quant, enable_PTQ_observer
 
 
 @dataclass
@@ -87,6 +87,7 @@ def prepare(
         )
     quant_model.apply(enable_fake_quant)
     quant_model.apply(enable_PTQ_observer)
+    quant_model.apply(disable_param_learning)  # static estimate: the observers set the qparams
     return PreparedModel(model=quant_model, float_model=float_model, recipe=recipe, cle_pairs=pairs)
 
 

@@ -31,10 +31,11 @@ def disable_fake_quant(module: nn.Module) -> None:
 def enable_PTQ_observer(module: nn.Module) -> None:  # noqa: N802 - the seeds' name
     """Let the observer set scale and zero point from the data (PTQ calibration).
 
-    On learnable quantizers this also stops qparam learning, since the observer overwrites it.
+    Only the observer is switched, as in the seeds: learnable qparams keep their ``requires_grad``
+    (so a backward still gives every parameter a ``.grad``; the observer overwrites the values
+    on the next forward). :func:`eqcore.prepare.calibrate.calibrate` also stops their learning.
     """
     if _is_learnable(module):
-        module.toggle_qparam_learning(enabled=False)
         module.toggle_observer_update(enabled=True)
     elif isinstance(module, FakeQuantizeBase):
         module.enable_observer()
@@ -52,3 +53,9 @@ def enable_param_learning(module: nn.Module) -> None:
     """On learnable quantizers: learn scale and zero point by backprop (QAT), observer off."""
     if _is_learnable(module):
         module.enable_param_learning()
+
+
+def disable_param_learning(module: nn.Module) -> None:
+    """On learnable quantizers: stop learning scale and zero point (they stop requiring grad)."""
+    if _is_learnable(module):
+        module.toggle_qparam_learning(enabled=False)
