@@ -32,6 +32,10 @@ _EXPORTS: dict[str, str] = {
     "Recipe": "quant.recipes",
     "get_recipe": "quant.recipes",
     "RECIPES": "quant.recipes",
+    "learnable_act": "quant.recipes",
+    "learnable_weights": "quant.recipes",
+    "fake_quant_act": "quant.recipes",
+    "fake_quant_weight": "quant.recipes",
     "prepare_model": "prepare.quantize",
     "calibrate": "prepare.calibrate",
     # fusion and CLE
@@ -50,6 +54,7 @@ _EXPORTS: dict[str, str] = {
     "add_activation_forward_hooks": "analysis.hooks",
     "add_sensitivity_analysis_hooks": "analysis.sa_hooks",
     "run_sensitivity_analysis": "analysis.sa_run",
+    "forward_and_backprop_an_image": "analysis.prop_data",
     # plots
     "plot_quant_act_hist": "plots.api",
     "plot_quant_weight_hist": "plots.api",

@@ -42,6 +42,8 @@ EQCORE_API = [
     "evaluate", "sqnr", "cosine_similarity", "top1_agreement", "topk_accuracy", "kl_divergence",
     "fidelity", "per_layer_sqnr", "collect_logits", "evaluate_dataset", "EQError", "get_model",
     "available_models", "ZooModel", "InputSpec", "get_loaders", "sample_images",
+    "learnable_act", "learnable_weights", "fake_quant_act", "fake_quant_weight",
+    "forward_and_backprop_an_image",
 ]
 STRATEGIES_API = ["FakeQuantCase", "QParams", "fake_quant_cases", "grid_values", "qparams", "quant_ranges", "shapes"]
 

@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import contextlib
 import math
-from collections.abc import Iterable, Iterator, Sequence
-from dataclasses import dataclass
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -54,6 +54,8 @@ def _output_tensor(output: Any) -> torch.Tensor:
         return output
     if hasattr(output, "logits") and isinstance(output.logits, torch.Tensor):
         return output.logits
+    if isinstance(output, Mapping) and isinstance(output.get("logits"), torch.Tensor):
+        return output["logits"]
     if isinstance(output, (tuple, list)) and output and isinstance(output[0], torch.Tensor):
         return output[0]
     raise TypeError(f"model output of type {type(output).__name__} is not a logits tensor")
@@ -245,7 +247,7 @@ class EvaluationResult:
 
     sample: str
     predictions: tuple[Prediction, ...]
-    logits: torch.Tensor
+    logits: torch.Tensor = field(repr=False)
 
     @property
     def top1(self) -> Prediction:

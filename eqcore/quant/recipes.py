@@ -8,10 +8,14 @@ loop (which only looks at ``out_channels``), Linear layers are quantized too.
     from dataclasses import replace
     my_recipe = replace(get_recipe("w8a8"), name="w8a8-mse",
                         activation=replace(W8A8.activation, observer="mse"))
+
+The tutorials' qconfig helpers (``learnable_act``, ``learnable_weights``, ``fake_quant_act``,
+``fake_quant_weight``) live here too: the same seed qconfig, spelled as the tutorials spell it.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -174,3 +178,68 @@ def get_recipe(recipe: str | Recipe) -> Recipe:
         return RECIPES[recipe]
     except KeyError:
         raise EQError(f"unknown recipe {recipe!r}; choose one of {', '.join(RECIPES)}") from None
+
+
+def learnable_act(range: float) -> Any:
+    """The tutorials' learnable activation quantizer: per-tensor affine uint8, histogram observer.
+
+    A ``with_args`` constructor for a ``tq.QConfig``; the initial scale is ``range / 255`` (the
+    observer resets it on the first calibration pass). It builds eqcore's
+    :class:`EQLearnableFakeQuantize`, where the tutorial's ``utils.qconfigs`` built torch's
+    ``_LearnableFakeQuantize``; the SA hooks and plots accept both.
+    """
+    if isinstance(range, bool) or not isinstance(range, (int, float)) or not 0 < range < math.inf:
+        raise EQError(f"learnable_act: range must be a positive number (the activation range the "
+                      f"initial scale range / 255 covers), got {range!r}")
+    return EQLearnableFakeQuantize.with_args(
+        observer=tq.HistogramObserver,
+        quant_min=0,
+        quant_max=255,
+        dtype=torch.quint8,
+        qscheme=torch.per_tensor_affine,
+        scale=range / 255.0,
+        zero_point=0.0,
+        use_grad_scaling=True,
+    )
+
+
+def learnable_weights(channels: int) -> Any:
+    """The tutorials' learnable weight quantizer: per-channel symmetric int8, initial scale 0.1.
+
+    ``channels`` is the layer's output channel count (``channel_len``), as learnable per-channel
+    qparams need it up front. Builds :class:`EQLearnableFakeQuantize` (the tutorial's built
+    torch's ``_LearnableFakeQuantize``).
+    """
+    if isinstance(channels, bool) or not isinstance(channels, int) or channels < 1:
+        raise EQError(f"learnable_weights: channels must be a positive int (the layer's "
+                      f"out_channels), got {channels!r}")
+    return EQLearnableFakeQuantize.with_args(
+        observer=tq.PerChannelMinMaxObserver,
+        quant_min=-128,
+        quant_max=127,
+        dtype=torch.qint8,
+        qscheme=torch.per_channel_symmetric,
+        scale=0.1,
+        zero_point=0.0,
+        use_grad_scaling=True,
+        channel_len=channels,
+    )
+
+
+# The tutorials' non-learnable constructors: :class:`EQFakeQuantize` (torch's ``FakeQuantize`` in
+# the tutorial's ``utils.qconfigs``), qparams set by the observer only.
+fake_quant_act = EQFakeQuantize.with_args(
+    observer=tq.HistogramObserver,
+    quant_min=0,
+    quant_max=255,
+    dtype=torch.quint8,
+    qscheme=torch.per_tensor_affine,
+)
+fake_quant_weight = EQFakeQuantize.with_args(
+    observer=tq.PerChannelMinMaxObserver,
+    quant_min=-128,
+    quant_max=127,
+    dtype=torch.qint8,
+    qscheme=torch.per_channel_symmetric,
+    ch_axis=0,
+)
