@@ -379,6 +379,10 @@ def test_corrupt_npz_is_baseline_error(tmp_path: Path, case: str) -> None:
         read_npz(path)
     assert not isinstance(info.value, MissingBaseline)
     assert str(path) in str(info.value) and "\n" not in str(info.value)
+    # numpy's own message suggests allow_pickle=True; ours never does.
+    assert "allow_pickle" not in str(info.value)
+    if case == "pickled object":
+        assert "holds pickled Python objects, which pytest-easyquant never writes and does not load" in str(info.value)
 
 
 def test_npz_schema_mismatch(tmp_path: Path) -> None:
@@ -477,6 +481,23 @@ def test_metadata_differences() -> None:
     assert baseline.differences(metadata(recipe={"name": "w4a4", "weight": {"bits": 4}})) == ["recipe: baseline w8a8, now w4a4"]
     changed = metadata(recipe={"name": "w8a8", "weight": {"bits": 4, "range": (-128, 127)}, "extra": 1})
     assert baseline.differences(changed) == ["recipe.extra: baseline (absent), now 1", "recipe.weight.bits: baseline 8, now 4"]
+
+
+def test_metadata_environment_fields_are_compared_only_when_recorded() -> None:
+    from matplotlib import ft2font
+
+    now = metadata(platform="Linux-x86_64", python="3.11.7", freetype=ft2font.__freetype_version__, backend="fx")
+    older = metadata()  # written before these fields existed
+    assert BaselineMetadata.from_dict(older.to_dict() | {"platform": None}).platform is None
+    assert older.differences(now) == []
+    assert now.differences(metadata(platform="Darwin-arm64", python="3.11.7", freetype="2.6.1", backend="pt2e")) == [
+        "platform: baseline Linux-x86_64, now Darwin-arm64",
+        f"freetype: baseline {ft2font.__freetype_version__}, now 2.6.1",
+        "backend: baseline fx, now pt2e",
+    ]
+    assert older.rendering_note(now) == ""
+    note = metadata(freetype="2.6.1", matplotlib="3.9.0").rendering_note(now)
+    assert note.startswith(f"the baseline image was drawn with matplotlib 3.9.0 (now 3.11.2) and FreeType 2.6.1 (now {now.freetype})")
 
 
 # --- usage ---------------------------------------------------------------------------------
