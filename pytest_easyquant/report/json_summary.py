@@ -158,7 +158,9 @@ def _check(outcome: Any) -> dict[str, Any]:
         "metrics": [_metric(row) for row in outcome.rows],
         "artifacts": [str(Path(a)) for a in outcome.artifacts],
     }
-    for key, value in (("message", outcome.message), ("worker", outcome.worker), ("command", outcome.command)):
+    # A failed check's message is its metric table again: only errors and missing baselines keep theirs.
+    message = outcome.message if outcome.status in ("error", "missing") else ""
+    for key, value in (("message", message), ("worker", outcome.worker), ("command", outcome.command)):
         if value:
             document[key] = value
     if outcome.metadata_differences:
