@@ -33,7 +33,8 @@ def _fmt(value: Any) -> str:
 
 
 def _table(rows: list[list[Any]]) -> list[str]:
-    cells = [list(COLUMNS)] + [[_fmt(v) for v in row[:5]] for row in rows]
+    # Metric names stay whole (a cut name cannot be searched for); values are cut at 40 characters.
+    cells = [list(COLUMNS)] + [[str(row[0]), *(_fmt(v) for v in row[1:5])] for row in rows]
     widths = [max(len(r[i]) for r in cells) for i in range(len(COLUMNS))]
     lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in cells]
     lines.insert(1, "  ".join("-" * w for w in widths))

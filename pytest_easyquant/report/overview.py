@@ -66,7 +66,8 @@ class RunOverview:
 
     @property
     def failing(self) -> list[Any]:
-        return [o for o in self.outcomes if o.status in FAILING]
+        """Failed and errored checks, the model-wide ones (fidelity, layer_sqnr, ...) first."""
+        return sorted((o for o in self.outcomes if o.status in FAILING), key=lambda o: ("[" in o.check, o.nodeid))
 
     @property
     def missing(self) -> list[Any]:
