@@ -23,15 +23,19 @@ class UsageTracker:
         return frozenset(self._used)
 
     def unused(self, directories: Iterable[Path], expected: set[Path]) -> list[Path]:
-        """Baseline files (json/npz/png; no temp files or ``metadata.json`` sidecars) under
-        ``directories`` that were neither used nor are in ``expected`` (the files of
-        deselected items), sorted."""
+        """Baseline files (json/npz/png; no temp files) under ``directories`` that were neither
+        used nor are in ``expected`` (the files of deselected items), sorted. A directory's
+        ``metadata.json`` sidecar (the plots' metadata) is unused when no plot under it is known."""
         known = self._used | {Path(p).resolve() for p in expected}
         found: set[Path] = set()
         for directory in directories:
             directory = Path(directory)
             if not directory.is_dir():
                 continue
+            sidecar = directory / METADATA_SIDECAR
+            inside = directory.resolve()
+            if sidecar.is_file() and not any(p.suffix == ".png" and inside in p.parents for p in known):
+                found.add(sidecar)
             for candidate in directory.rglob("*"):
                 relative = candidate.relative_to(directory)
                 if (

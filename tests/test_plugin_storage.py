@@ -526,6 +526,19 @@ def test_usage_tracker_reports_unused_files(tmp_path: Path) -> None:
     assert tracker.unused([], set()) == []
 
 
+def test_plots_metadata_sidecar_is_unused_only_with_no_known_plot(tmp_path: Path) -> None:
+    directory = tmp_path / "tiny-none" / "w8a8"
+    for name in ("metadata.json", "plots/p.png", "fidelity.json"):
+        (directory / name).parent.mkdir(parents=True, exist_ok=True)
+        (directory / name).write_bytes(b"x")
+    tracker = UsageTracker()
+    tracker.mark(directory / "fidelity.json")
+    # A plot that is known (used, deselected or switched off) keeps the sidecar.
+    assert tracker.unused([directory], {directory / "plots/p.png"}) == []
+    # Nothing knows the plots any more: the sidecar goes with them.
+    assert tracker.unused([directory], set()) == [directory / "metadata.json", directory / "plots/p.png"]
+
+
 def test_errors_pickle_with_their_path(tmp_path: Path) -> None:
     for cls in (BaselineError, MissingBaseline):
         error = cls("no baseline at x", path=tmp_path / "x.json")
