@@ -4,6 +4,7 @@ baselines (reported, failing on request, pruned) and the commands the plugin pri
 
 from __future__ import annotations
 
+import html
 import json
 import math
 import re
@@ -319,3 +320,20 @@ def test_metadata_records_the_environment_and_an_image_failure_names_a_freetype_
         r"text and antialiasing differ .*: pytest .*--eq-update-baselines$", output, re.MULTILINE
     ), output
     assert f"matplotlib {matplotlib.__version__}" not in output.split("drawn with", 1)[1].splitlines()[0]
+
+
+def test_a_failed_model_run_is_reported_once_and_missing_rows_say_so() -> None:
+    from pytest_easyquant.report.html import render_page
+    from pytest_easyquant.report.overview import build_overviews
+    from pytest_easyquant.session import Outcome
+
+    error = "running model 'nannet' failed: activation_post_process_3 produced 32 NaN and 0 inf values"
+    outcomes = [Outcome(f"easyquant[nannet-none-w8a8]::{c}", "easyquant[nannet-none-w8a8]", c, "error", message=error) for c in ("fidelity", "layer_sqnr")]
+    missing_row = MetricRecord("fidelity.sqnr_db", None, 51.7, None, "atol=0.1 rtol=0", True)
+    outcomes.append(Outcome("easyquant[tiny-none-w8a8]::fidelity", "easyquant[tiny-none-w8a8]", "fidelity", "missing",
+                            rows=[missing_row], message="no baseline at baselines/tiny-none/w8a8/fidelity.json (the easyquant summary has the command that records it)",
+                            command="pytest -m easyquant --eq-model tiny --eq-update-new-only"))
+    page = render_page(build_overviews(outcomes, {}))
+    assert page.count(html.escape(error)) == 1 and page.count("the model run failed (above)") == 2
+    assert page.count("pytest -m easyquant --eq-model tiny --eq-update-new-only") == 1
+    assert re.search(r'data-metric="fidelity\.sqnr_db">.*?<td>-</td><td>51\.7</td><td>-</td>.*?<td>no baseline</td>', page)

@@ -111,10 +111,9 @@ def _run_section(index: int, overview: RunOverview) -> str:
         items = "".join(f"<li>{escape(line)}</li>" for line in overview.common_differences)
         parts.append(f'<p class="recorded-head">The baselines were recorded with:</p><ul class="recorded">{items}</ul>')
     parts += _missing_lines(overview)
-    for outcome in overview.outcomes:
-        if outcome.status == "error" and not outcome.rows and outcome.message and "\n" not in outcome.message:
-            parts.append(f'<p class="error-line">{escape(outcome.check)}: {escape(outcome.message)}</p>')
-            break
+    run_error = overview.run_error
+    if run_error:
+        parts.append(f'<p class="error-line">The model run failed: {escape(run_error)}</p>')
     if overview.series:
         figures = [
             f'<figure class="chart-box"><figcaption>{escape(s.name)} per layer</figcaption>{layer_chart(s)}</figure>'
@@ -124,7 +123,7 @@ def _run_section(index: int, overview: RunOverview) -> str:
     if overview.failing:
         parts.append(f'<h3 class="failures">Failures ({len(overview.failing)})</h3>')
         common = overview.common_differences
-        parts += [_check_block(outcome, opened=True, common=common) for outcome in overview.failing]
+        parts += [_check_block(outcome, opened=True, common=common, run_error=run_error) for outcome in overview.failing]
     if overview.missing:
         parts.append(
             f'<details class="group missing"><summary>{len(overview.missing)} checks without a baseline</summary>'
@@ -167,10 +166,16 @@ def _headline(rows: list[MetricRecord]) -> str:
         body.append(
             f'<tr{css} data-metric="{escape(row.metric)}"><td class="metric">{_name(row.metric)}</td>'
             f"<td>{escape(_fmt(row.baseline))}</td><td>{escape(_fmt(row.obtained))}</td>{_delta_cell(row.delta)}"
-            f"<td>{escape(row.tolerance)}</td><td>{'ok' if row.passed else 'outside'}</td></tr>"
+            f"<td>{escape(row.tolerance)}</td><td>{_verdict(row)}</td></tr>"
         )
     head = '<tr><th class="metric">headline metric</th><th>baseline</th><th>now</th><th>delta</th><th>tolerance</th><th></th></tr>'
     return f'<table class="headline">{head}{"".join(body)}</table>'
+
+
+def _verdict(row: MetricRecord) -> str:
+    if row.baseline is None:
+        return "no baseline"
+    return "ok" if row.passed else "outside"
 
 
 def _missing_lines(overview: RunOverview) -> list[str]:
@@ -187,19 +192,22 @@ def _missing_lines(overview: RunOverview) -> list[str]:
     return parts
 
 
-def _what(outcome: Any) -> str:
+def _what(outcome: Any, run_error: str = "") -> str:
+    if run_error and outcome.message == run_error:
+        return "the model run failed (above)"
     rows = outcome.rows
     failed = sum(not r.passed for r in rows)
     if outcome.status == "failed":
         return f"{failed} of {len(rows)} metrics outside tolerance"
     if outcome.status in ("error", "missing"):
-        return outcome.message.splitlines()[0] if outcome.message else outcome.status
+        first = outcome.message.splitlines()[0] if outcome.message else outcome.status
+        return first.split(" (the easyquant summary has", 1)[0]
     if outcome.status == "written":
         return f"{len(rows)} metrics recorded"
     return f"all {len(rows)} metrics within tolerance"
 
 
-def _check_block(outcome: Any, *, opened: bool, common: tuple[str, ...] = ()) -> str:
+def _check_block(outcome: Any, *, opened: bool, common: tuple[str, ...] = (), run_error: str = "") -> str:
     """One check, once: status, what failed, what changed since its baseline (beyond ``common``,
     shown for the whole run), its images and its metric table."""
     name = outcome.nodeid.split("::", 1)[-1]
@@ -207,7 +215,7 @@ def _check_block(outcome: Any, *, opened: bool, common: tuple[str, ...] = ()) ->
         f'<details class="check {escape(outcome.status)}" id="{anchor(outcome.nodeid)}" '
         f'data-check="{escape(outcome.nodeid)}"{" open" if opened else ""}>',
         f'<summary>{_chip(outcome.status)}<span class="name">{_name(name)}</span>'
-        f'<span class="what">{escape(_what(outcome))}</span></summary>',
+        f'<span class="what">{escape(_what(outcome, run_error))}</span></summary>',
     ]
     if outcome.status == "error" and "\n" in outcome.message:
         parts.append(f'<pre class="command">{escape(outcome.message)}</pre>')

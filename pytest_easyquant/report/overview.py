@@ -88,6 +88,13 @@ class RunOverview:
         return tuple(line for line in compared[0] if line in shared)
 
     @property
+    def run_error(self) -> str:
+        """The one-line error several checks share (the model run itself failed), or ""."""
+        messages = Counter(o.message for o in self.outcomes if o.status == "error" and o.message and "\n" not in o.message)
+        shared = [m for m, n in messages.most_common(1) if n > 1]
+        return shared[0] if shared else ""
+
+    @property
     def status(self) -> str:
         for status in STATUS_ORDER:
             if any(o.status == status for o in self.outcomes):
