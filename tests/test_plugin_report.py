@@ -16,7 +16,7 @@ from pathlib import Path
 import jsonschema
 import pytest
 
-from browser import probe, screenshot
+from browser import chromium, probe, screenshot
 from plugin_models import make_image_folder
 from pytest_easyquant.report.charts import layer_chart
 from pytest_easyquant.report.json_summary import SCHEMA
@@ -103,6 +103,7 @@ window.eqProbe = out;
 
 
 def test_report_in_a_browser_shows_overview_failures_once_images_and_filters(project: pytest.Pytester) -> None:
+    chromium()  # skips (fails under EQ_REQUIRE_BROWSER) before any work when there is none
     result = _failing_tiny_session(project)
     report = project.path / ".eq-results/report.html"
     page = report.read_text()
