@@ -19,9 +19,26 @@ MAX_CELL = 40
 
 
 @dataclass(frozen=True)
+class ArrayDiff:
+    """How two arrays differ: ``differing`` of ``size`` elements, the largest absolute and relative
+    and the mean absolute error (over finite elements; None when no finite element differs)."""
+
+    differing: int
+    size: int
+    max_abs: float | None = None
+    max_rel: float | None = None
+    mean_abs: float | None = None
+
+    @property
+    def share(self) -> float:
+        return self.differing / self.size if self.size else 0.0
+
+
+@dataclass(frozen=True)
 class Row:
     """One compared metric. For arrays and images, ``baseline``/``obtained`` are summaries and
-    ``note`` holds the details; ``artifacts`` lists files kept for a failed image."""
+    ``note`` holds the details; ``artifacts`` lists files kept for a failed image; ``array``, how
+    two arrays differ (set by :func:`~pytest_easyquant.compare.compare_array` on failure)."""
 
     metric: str
     baseline: Any
@@ -31,6 +48,7 @@ class Row:
     passed: bool
     note: str = ""
     artifacts: tuple[str, ...] = ()
+    array: ArrayDiff | None = None
 
     @property
     def delta(self) -> float | None:

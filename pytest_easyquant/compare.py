@@ -13,7 +13,7 @@ from typing import Any
 
 import numpy as np
 
-from pytest_easyquant.check_report import Row, Summary, _cell, _pair_text
+from pytest_easyquant.check_report import ArrayDiff, Row, Summary, _cell, _pair_text
 from pytest_easyquant.tolerances import Tolerance, ToleranceTable, _is_number
 
 MAX_LISTED_ELEMENTS = 5
@@ -129,7 +129,8 @@ def compare_array(metric: str, baseline: np.ndarray, obtained: np.ndarray, toler
         ok = np.asarray(baseline == obtained, dtype=bool).reshape(baseline.shape)
         if ok.all():
             return Row(metric, b_text, o_text, tolerance, source, True)
-        return Row(metric, b_text, o_text, tolerance, source, False, _listing(baseline, obtained, ok, None))
+        stats = ArrayDiff(differing=int((~ok).sum()), size=ok.size)
+        return Row(metric, b_text, o_text, tolerance, source, False, _listing(baseline, obtained, ok, None), array=stats)
     b = baseline.astype(np.float64)
     o = obtained.astype(np.float64)
     with np.errstate(invalid="ignore", over="ignore", divide="ignore"):
@@ -141,16 +142,18 @@ def compare_array(metric: str, baseline: np.ndarray, obtained: np.ndarray, toler
         return Row(metric, b_text, o_text, tolerance, source, True)
     size, failing = ok.size, int((~ok).sum())
     parts = [f"{failing} of {size} elements ({100.0 * failing / size:.2f}%) differ"]
+    stats = ArrayDiff(differing=failing, size=size)
     if (finite & ~ok).any():
         worst = np.unravel_index(int(np.argmax(diff)), diff.shape)
         parts.append(f"max abs error {diff.max():.6g} at index {_index_text(tuple(int(i) for i in worst))}")
         parts.append(f"max rel error {rel[finite].max():.6g}")
         parts.append(f"mean abs error {diff[finite].mean():.6g}")
+        stats = ArrayDiff(failing, size, float(diff.max()), float(rel[finite].max()), float(diff[finite].mean()))
     nonfinite = int((~ok & ~finite).sum())
     if nonfinite:
         parts.append(f"{nonfinite} NaN/inf mismatches")
     note = "; ".join(parts) + "\n" + _listing(baseline, obtained, ok, diff)
-    return Row(metric, b_text, o_text, tolerance, source, False, note)
+    return Row(metric, b_text, o_text, tolerance, source, False, note, array=stats)
 
 
 def _listing(baseline: np.ndarray, obtained: np.ndarray, ok: np.ndarray, diff: np.ndarray | None) -> str:

@@ -16,23 +16,27 @@ from pytest_easyquant.check_report import CheckReport
 class BaselineError(Exception):
     """A baseline file is missing, corrupt, truncated or of another schema.
 
-    The message is one line that names the file and says what to do; ``path`` is the file.
+    The message is one line that names the file and says what to do; ``path`` is the file;
+    ``reason``, the message without the remedy (the plugin adds the command that applies).
     """
 
-    def __init__(self, message: str, *, path: Path | str | None = None) -> None:
+    def __init__(self, message: str, *, path: Path | str | None = None, reason: str | None = None) -> None:
         super().__init__(message)
         self.path = Path(path) if path is not None else None
+        self.reason = reason if reason is not None else message
 
     def __reduce__(self) -> tuple[Any, ...]:
-        return (_rebuild_baseline_error, (type(self), str(self), self.path))
+        return (_rebuild_baseline_error, (type(self), str(self), self.path, self.reason))
 
 
 class MissingBaseline(BaselineError):
     """No baseline file exists yet (as opposed to one that exists but cannot be read)."""
 
 
-def _rebuild_baseline_error(cls: type[BaselineError], message: str, path: Path | None) -> BaselineError:
-    return cls(message, path=path)
+def _rebuild_baseline_error(
+    cls: type[BaselineError], message: str, path: Path | None, reason: str | None = None
+) -> BaselineError:
+    return cls(message, path=path, reason=reason)
 
 
 class CheckFailure(AssertionError):

@@ -60,6 +60,10 @@ OPTIONS: tuple[Option, ...] = (
     Option("no_plots", "skip rendering and comparing plots", False, "bool"),
     Option("tolerance", "tolerance rule '<metric-glob> atol=<x> [rtol=<y>]' (repeatable), "
            "e.g. 'fidelity.sqnr_db atol=0.5'", [], "list", "RULE"),
+    Option("json", "write a JSON summary of the session's checks to this file (relative to the "
+           "current directory; an ini value, to the rootdir)", None, metavar="PATH"),
+    Option("prune_unused", "delete the baselines no check of this session uses (respecting -k/-m)", False, "bool"),
+    Option("fail_unused", "fail the session when baselines no check uses exist", False, "bool"),
 )
 BY_DEST = {option.dest: option for option in OPTIONS}
 
@@ -139,6 +143,9 @@ class EQConfig:
     cli_rules: tuple[ToleranceRule, ...] = field(default=())
     ini_rules: tuple[ToleranceRule, ...] = field(default=())
     source: dict[str, str] = field(default_factory=dict, compare=False)
+    json: Path | None = None
+    prune_unused: bool = False
+    fail_unused: bool = False
 
     @property
     def writes_baselines(self) -> bool:
@@ -205,7 +212,21 @@ def resolve(config: pytest.Config) -> EQConfig:
         cli_rules=_rules(cli_tolerances, source="cli", where="--eq-tolerance"),
         ini_rules=_rules(ini_tolerances, source="ini", where="ini option eq_tolerance"),
         source=source,
+        json=_json_path(config, values["json"], source["json"]),
+        prune_unused=values["prune_unused"],
+        fail_unused=values["fail_unused"],
     )
+
+
+def _json_path(config: pytest.Config, value: str | None, where: str) -> Path | None:
+    """``--eq-json`` relative to the invocation directory (as ``--junitxml``), ``eq_json`` to the rootdir."""
+    if not value:
+        return None
+    base = Path(config.rootpath) if where.startswith("ini") else Path(config.invocation_params.dir)
+    path = (base / value).resolve()
+    if path.is_dir():
+        raise pytest.UsageError(f"{where} {value}: is a directory; name the JSON file to write, e.g. {value}/easyquant.json")
+    return path
 
 
 def documentation_rows() -> list[tuple[str, str, str, str]]:

@@ -60,6 +60,11 @@ class Plan:
     def data_name(self) -> str:
         return self.loaders.name
 
+    @property
+    def backend(self) -> str:
+        """The preparation backend that captured the model ("fx" unless the prepared model says)."""
+        return str(getattr(self.prepared, "backend", None) or "fx")
+
     @cached_property
     def quantizers(self) -> list[str]:
         return list(fake_quant_modules(self.prepared.model))

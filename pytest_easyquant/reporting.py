@@ -1,20 +1,19 @@
-"""Reports of the generated suites: a terminal summary per model and an HTML page.
+"""The terminal summary of the generated suites: per model, headline and failing metrics, the
+command that records missing baselines, unused and deleted baselines.
 
-Both read the session's :class:`~pytest_easyquant.session.Outcome` records (on the xdist
-controller, the ones the workers sent), so they look the same with and without xdist.
+It reads the session's :class:`~pytest_easyquant.session.Outcome` records (on the xdist
+controller, the ones the workers sent), so it looks the same with and without xdist; the HTML
+dashboard and the JSON summary are in :mod:`pytest_easyquant.report`.
 """
 
 from __future__ import annotations
 
-import html
-import os
+import shlex
 from collections import defaultdict
-from pathlib import Path
 from typing import Any
 
 import pytest
 
-from pytest_easyquant.atomic_files import atomic_write_bytes
 from pytest_easyquant.session import EQSession, Outcome
 
 HEADLINE_KINDS = ("accuracy", "fidelity")
@@ -34,7 +33,8 @@ def _fmt(value: Any) -> str:
 
 
 def _table(rows: list[list[Any]]) -> list[str]:
-    cells = [list(COLUMNS)] + [[_fmt(v) for v in row[:5]] for row in rows]
+    # Metric names stay whole (a cut name cannot be searched for); values are cut at 40 characters.
+    cells = [list(COLUMNS)] + [[str(row[0]), *(_fmt(v) for v in row[1:5])] for row in rows]
     widths = [max(len(r[i]) for r in cells) for i in range(len(COLUMNS))]
     lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in cells]
     lines.insert(1, "  ".join("-" * w for w in widths))
@@ -64,67 +64,40 @@ def terminal_summary(reporter: pytest.TerminalReporter, session: EQSession) -> N
         if len(failed) > MAX_FAILED_ROWS:
             reporter.write_line(f"  ... and {len(failed) - MAX_FAILED_ROWS} more failing metrics (see the HTML report)")
         missing = [o for o in outcomes if o.status == "missing"]
-        if missing:
-            reporter.write_line(f"  {len(missing)} checks have no baseline yet; record them with: {missing[0].command}")
-            if missing[0].hint:
-                reporter.write_line(f"  {missing[0].hint}")
-        errors = {o.message for o in outcomes if o.status == "error" and o.message}
-        for message in sorted(errors):
+        for command in sorted({o.command for o in missing}):
+            count = sum(o.command == command for o in missing)
+            checks = "1 check has" if count == 1 else f"{count} checks have"
+            reporter.write_line(f"  {checks} no baseline yet; record {'it' if count == 1 else 'them'} with: {command}")
+        for hint in sorted({o.hint for o in missing if o.hint}):
+            reporter.write_line(f"  {hint}")
+        errors = defaultdict(int)
+        for outcome in outcomes:
+            if outcome.status == "error" and outcome.message:
+                errors[outcome.message] += 1
+        # A failed model run fails every check with the same line: print it once. Unusable
+        # baselines differ per check, and each failure above already says how to re-record it.
+        shown = sorted(m for m, n in errors.items() if n > 1 or len(errors) == 1)
+        for message in shown:
             reporter.write_line(f"  error: {message}")
+        if len(errors) > len(shown):
+            reporter.write_line(f"  {len(errors) - len(shown)} more checks errored; each failure above says how to repair it")
+    if session.pruned:
+        reporter.write_line(f"deleted {len(session.pruned)} unused baselines (--eq-prune-unused):")
+        for path in session.pruned:
+            reporter.write_line(f"  {path}")
     if session.unused:
         reporter.write_line(f"unused baselines ({len(session.unused)}), not checked by any generated test:")
         for path in session.unused:
             reporter.write_line(f"  {path}")
+        failing = "they fail this session (--eq-fail-unused); " if session.options.fail_unused else ""
+        reporter.write_line(f"  {failing}delete them with: {_prune_command(session)}")
     if session.report_path is not None:
         reporter.write_line(f"easyquant report: {session.report_path}")
+    if session.json_path is not None:
+        reporter.write_line(f"easyquant JSON summary: {session.json_path}")
 
 
-def _html_table(rows: list[list[Any]]) -> str:
-    head = "".join(f"<th>{c}</th>" for c in COLUMNS)
-    body = []
-    for row in rows:
-        cls = "" if row[5] else ' class="bad"'
-        body.append(f"<tr{cls}>" + "".join(f"<td>{html.escape(_fmt(v))}</td>" for v in row[:5]) + "</tr>")
-    return f"<table><tr>{head}</tr>{''.join(body)}</table>"
-
-
-def _images(outcome: Outcome, report_dir: Path) -> str:
-    pictures = []
-    for artifact in outcome.artifacts:
-        path = Path(artifact)
-        if path.suffix.lower() != ".png":
-            continue
-        rel = os.path.relpath(path, report_dir)
-        pictures.append(f'<figure><img src="{html.escape(rel)}"><figcaption>{html.escape(path.stem)}</figcaption></figure>')
-    return f'<div class="images">{"".join(pictures)}</div>' if pictures else ""
-
-
-def write_html_report(session: EQSession) -> Path:
-    """``<results-dir>/report.html``: failures first with their images, then every table."""
-    report_dir = session.options.results_dir
-    path = report_dir / "report.html"
-    outcomes = sorted(session.outcomes, key=lambda o: (o.status not in ("failed", "error", "missing"), o.nodeid))
-    failing = [o for o in outcomes if o.status in ("failed", "error", "missing")]
-    parts = [
-        "<!doctype html><html><head><meta charset='utf-8'><title>easyquant report</title><style>",
-        "body{font-family:sans-serif;margin:2em}table{border-collapse:collapse;margin:.5em 0}",
-        "td,th{border:1px solid #ccc;padding:2px 6px;font-size:13px;text-align:right}",
-        "td:first-child{text-align:left}tr.bad{background:#fdd}pre{background:#f6f6f6;padding:8px;white-space:pre-wrap}",
-        ".images{display:flex;gap:8px}.images img{max-width:32vw;border:1px solid #ccc}",
-        "</style></head><body><h1>easyquant report</h1>",
-        f"<p>{len(outcomes)} checks, {len(failing)} failing.</p>",
-    ]
-    if failing:
-        parts.append("<h2>Failures</h2>")
-        for outcome in failing:
-            parts.append(f"<h3>{html.escape(outcome.nodeid)}</h3><pre>{html.escape(outcome.message)}</pre>")
-            parts.append(_images(outcome, report_dir))
-            parts.append(_html_table([r for r in outcome.rows if not r[5]]))
-    for suite, suite_outcomes in _by_suite(session.outcomes).items():
-        parts.append(f"<h2>{html.escape(suite)}</h2>")
-        for outcome in suite_outcomes:
-            if outcome.rows:
-                parts.append(f"<h4>{html.escape(outcome.check)} ({outcome.status})</h4>{_html_table(outcome.rows)}")
-    parts.append("</body></html>")
-    atomic_write_bytes(path, "\n".join(parts).encode())
-    return path
+def _prune_command(session: EQSession) -> str:
+    """The invocation as it was, plus ``--eq-prune-unused`` (without failing on what it deletes)."""
+    args = [a for a in session.config.invocation_params.args if a != "--eq-prune-unused"]
+    return shlex.join(["pytest", *args, "--eq-prune-unused"])

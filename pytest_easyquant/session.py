@@ -7,7 +7,6 @@ remembered and reported by each of its checks as the same one line.
 
 from __future__ import annotations
 
-import shlex
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -18,6 +17,7 @@ from pytest_easyquant.baseline_usage import UsageTracker
 from pytest_easyquant.naming import baseline_dir
 from pytest_easyquant.options import EQConfig
 from pytest_easyquant.registry import Registry
+from pytest_easyquant.report.records import MetricRecord, RunInfo
 from pytest_easyquant.storage import BaselineMetadata
 
 
@@ -27,24 +27,34 @@ class PipelineError(Exception):
 
 @dataclass
 class Outcome:
-    """What one check did, in a JSON-friendly form (workers send these to the controller)."""
+    """What one check did, in a JSON-friendly form (workers send these to the controller).
+
+    ``worker`` is the xdist worker that ran it ("" without xdist); ``metadata_differences`` what
+    changed since its baseline was recorded.
+    """
 
     nodeid: str
     suite: str
     check: str
     status: str  # passed | failed | written | missing | error
-    rows: list[list[Any]] = field(default_factory=list)
+    rows: list[MetricRecord] = field(default_factory=list)
     message: str = ""
     artifacts: list[str] = field(default_factory=list)
     command: str = ""  # a missing baseline's: the command that records it
     hint: str = ""  # a missing baseline's pointer to the model's recorded recipes
+    worker: str = ""
+    metadata_differences: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
-        return dict(vars(self))
+        data = dict(vars(self))
+        data["rows"] = [row.to_dict() for row in self.rows]
+        return data
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> Outcome:
-        return cls(**data)
+        values = dict(data)
+        values["rows"] = [MetricRecord.from_dict(row) for row in values.get("rows", [])]
+        return cls(**values)
 
 
 class EQSession:
@@ -62,6 +72,13 @@ class EQSession:
         self.suite_dirs: set[Path] = set()
         self.unused: list[str] = []
         self.report_path: Path | None = None
+        self.runs_info: dict[str, RunInfo] = {}
+        self.selected_dirs: set[Path] | None = None  # None until collection is finished
+        self.selective = False  # whether -k/-m/--lf deselected some generated check
+        self.generated_count = 0  # generated checks collected, before any deselection
+        self.pruned: list[str] = []
+        self.workers_reported = 0
+        self.json_path: Path | None = None
 
     def request_for(self, model: str, **overrides: Any) -> Any:
         from pytest_easyquant.pipeline import RunRequest
@@ -139,18 +156,49 @@ class EQSession:
             seed=request.seed,
             calib_batches=request.calib_batches,
             device=request.device,
+            backend=plan.backend,
         )
 
-    def update_command(self) -> str:
-        """The user's command line with the flag that records missing baselines."""
-        args = [a for a in self.config.invocation_params.args if a not in ("--eq-update-baselines", "--eq-update-new-only")]
-        return shlex.join(["pytest", *args, "--eq-update-new-only"])
+    def run_info(self, suite: str, request: Any) -> RunInfo:
+        """The report's description of a model run (cheap: the plan is already built)."""
+        from pytest_easyquant.commands import record_missing_command
+
+        plan = self.plan(request)
+        metadata = self.metadata(request)
+        versions = {
+            name: str(getattr(metadata, name))
+            for name in ("torch", "torchvision", "numpy", "matplotlib", "freetype", "python", "platform", "pytest_easyquant")
+        }
+        return RunInfo(
+            suite=suite, model=request.model, weights=request.weights, recipe=request.recipe,
+            baseline_recipe=self.options.baseline_recipe, backend=plan.backend, data=plan.data_name,
+            seed=request.seed, device=request.device, cle=request.cle, calib_batches=request.calib_batches,
+            batch_size=request.batch_size, sa_batches=request.sa_batches,
+            baseline_dir=str(self.baseline_dir(request)),
+            record_command=record_missing_command(self.config, self.options, request),
+            versions=versions, layers=list(plan.weight_modules),
+        )
 
     def record(self, outcome: Outcome) -> None:
         self.outcomes.append(outcome)
 
     def unused_baselines(self) -> list[Path]:
-        return self.tracker.unused(sorted(self.suite_dirs), self.expected_files)
+        """Baseline files no check of this session uses, respecting the selection.
+
+        Only the selected model runs' directories are searched, and files of deselected checks
+        and of checks an option turned off count as used. When the models come from the ini
+        file's ``eq_model`` (the project's list of guarded models, as a test suite's files are)
+        and nothing was deselected, the directories of models recorded with the same weights and
+        recipe but no longer listed are unused as a whole; ``--eq-model`` on the command line
+        selects models, like naming test files, and leaves the others' baselines alone.
+        """
+        from pytest_easyquant.baseline_usage import stale_model_dirs
+
+        directories = set(self.suite_dirs if self.selected_dirs is None else self.selected_dirs)
+        declared = self.options.source.get("model", "").startswith("ini")
+        if declared and not self.selective and self.suite_dirs:
+            directories |= set(stale_model_dirs(self.options.baseline_dir, self.suite_dirs))
+        return self.tracker.unused(sorted(directories), self.expected_files)
 
 
 SESSION_KEY = pytest.StashKey[EQSession]()

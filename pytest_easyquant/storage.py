@@ -14,12 +14,12 @@ import struct
 import zipfile
 import zlib
 from collections.abc import Mapping
-from dataclasses import dataclass, field, fields
-from functools import lru_cache
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from pytest_easyquant.atomic_files import atomic_write_bytes
+from pytest_easyquant.baseline_metadata import SCHEMA_VERSION, BaselineMetadata, json_default
 from pytest_easyquant.errors import BaselineError, MissingBaseline
 
 if TYPE_CHECKING:
@@ -40,117 +40,11 @@ __all__ = [
     "write_png",
 ]
 
-SCHEMA_VERSION = 1
 RERECORD = "re-create it with `pytest --eq-update-baselines`"
 META_KEY = "__meta__"
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
-_VERSIONED = ("torch", "torchvision", "numpy", "matplotlib", "pytest_easyquant")
-_DISTRIBUTIONS = {"pytest_easyquant": "pytest-easyquant"}
 _ZIP_DATE = (1980, 1, 1, 0, 0, 0)
-
-
-@lru_cache(maxsize=None)
-def _version(name: str) -> str:
-    from importlib import metadata
-
-    try:
-        return metadata.version(_DISTRIBUTIONS.get(name, name))
-    except metadata.PackageNotFoundError:
-        if name == "pytest_easyquant":
-            from pytest_easyquant import __version__
-
-            return __version__
-        return "unknown"
-
-
-def _canonical(value: Any) -> Any:
-    """``value`` as it reads back from JSON (tuples become lists, keys strings)."""
-    return json.loads(json.dumps(value, sort_keys=True, default=_json_default))
-
-
-def _short(value: Any, limit: int = 60) -> str:
-    text = value if isinstance(value, str) else json.dumps(value, sort_keys=True, default=str)
-    return text if len(text) <= limit else text[: limit - 3] + "..."
-
-
-def _flatten(prefix: str, value: Any) -> dict[str, Any]:
-    if isinstance(value, Mapping):
-        flat: dict[str, Any] = {}
-        for key, sub in value.items():
-            flat.update(_flatten(f"{prefix}.{key}", sub))
-        return flat
-    return {prefix: value}
-
-
-@dataclass(frozen=True)
-class BaselineMetadata:
-    """What a baseline was recorded with, so a failure can say what changed since."""
-
-    model: str
-    weights: str
-    recipe: dict[str, Any] = field(hash=False)
-    data: str
-    seed: int
-    calib_batches: int
-    device: str
-    torch: str
-    torchvision: str
-    numpy: str
-    matplotlib: str
-    pytest_easyquant: str
-    schema_version: int = SCHEMA_VERSION
-
-    @classmethod
-    def current(
-        cls, *, model: str, weights: str, recipe: dict[str, Any], data: str, seed: int, calib_batches: int, device: str
-    ) -> BaselineMetadata:
-        """This run's metadata, with the installed library versions ("unknown" if absent)."""
-        versions = {name: _version(name) for name in _VERSIONED}
-        return cls(
-            model=model, weights=weights, recipe=dict(recipe), data=data, seed=seed,
-            calib_batches=calib_batches, device=device, **versions,
-        )
-
-    def to_dict(self) -> dict[str, Any]:
-        return {f.name: getattr(self, f.name) for f in fields(self)}
-
-    @classmethod
-    def from_dict(cls, data: Mapping[str, Any]) -> BaselineMetadata:
-        """Unknown keys are ignored; missing ones or a non-dict recipe raise ValueError."""
-        if not isinstance(data, Mapping):
-            raise ValueError(f"metadata is a {type(data).__name__}, not an object")
-        names = [f.name for f in fields(cls)]
-        missing = [n for n in names if n not in data and n != "schema_version"]
-        if missing:
-            raise ValueError(f"metadata lacks {', '.join(missing)}")
-        if not isinstance(data["recipe"], Mapping):
-            raise ValueError("metadata recipe is not an object")
-        values = {n: data[n] for n in names if n in data}
-        values["recipe"] = dict(values["recipe"])
-        return cls(**values)
-
-    def differences(self, other: BaselineMetadata) -> list[str]:
-        """Lines like ``torch: baseline 2.14.1, now 2.15.0`` (self = baseline, other = now)."""
-        lines = []
-        mine, theirs = _canonical(self.recipe), _canonical(other.recipe)
-        if mine.get("name") != theirs.get("name"):
-            lines.append(f"recipe: baseline {_short(mine.get('name'))}, now {_short(theirs.get('name'))}")
-        elif mine != theirs:
-            flat_mine, flat_theirs = _flatten("recipe", mine), _flatten("recipe", theirs)
-            for key in sorted(set(flat_mine) | set(flat_theirs)):
-                if flat_mine.get(key, "(absent)") != flat_theirs.get(key, "(absent)"):
-                    lines.append(
-                        f"{key}: baseline {_short(flat_mine.get(key, '(absent)'))}, "
-                        f"now {_short(flat_theirs.get(key, '(absent)'))}"
-                    )
-        for f in fields(self):
-            if f.name == "recipe":
-                continue
-            before, after = getattr(self, f.name), getattr(other, f.name)
-            if before != after:
-                lines.append(f"{f.name}: baseline {_short(before)}, now {_short(after)}")
-        return lines
 
 
 @dataclass(frozen=True)
@@ -177,21 +71,29 @@ def _read_bytes(path: Path) -> bytes:
             f"no baseline at {path}; create it with `pytest --eq-update-new-only` "
             "(or `--eq-update-baselines` to re-record all)",
             path=path,
+            reason=f"no baseline at {path}",
         ) from None
     except OSError as exc:
-        raise BaselineError(f"cannot read baseline {path}: {exc.strerror or exc}; {RERECORD}", path=path) from None
+        raise _unusable(f"cannot read baseline {path}: {exc.strerror or exc}", path) from None
 
 
-def _json_default(value: Any) -> Any:
-    """numpy scalars and arrays as plain Python values (float32 via its exact float64 value)."""
-    if hasattr(value, "dtype") and hasattr(value, "tolist"):
-        return value.tolist()
-    raise TypeError(f"{type(value).__name__} is not JSON-serializable")
+def _unusable(reason: str, path: Path) -> BaselineError:
+    """A BaselineError for a file that exists but cannot be used; the plugin replaces the generic
+    remedy with the command that re-records this file's check."""
+    return BaselineError(f"{reason}; {RERECORD}", path=path, reason=reason)
+
+
+def _npz_problem(exc: BaseException) -> str:
+    """What np.load said, except its advice to allow pickles: a baseline never holds any."""
+    if "allow_pickle" in str(exc):
+        return "it holds pickled Python objects, which pytest-easyquant never writes and does not load"
+    text = f"{type(exc).__name__}: {exc}"
+    return f"{text}, perhaps truncated"
 
 
 def _encode(document: dict[str, Any], path: Path) -> bytes:
     try:
-        return (json.dumps(document, sort_keys=True, indent=2, default=_json_default) + "\n").encode("utf-8")
+        return (json.dumps(document, sort_keys=True, indent=2, default=json_default) + "\n").encode("utf-8")
     except (TypeError, ValueError) as exc:
         raise ValueError(f"cannot store values in {path} as JSON: {exc}") from None
 
@@ -207,21 +109,20 @@ def _document(metadata: BaselineMetadata, tolerance: Mapping[str, Any] | None) -
 def _check_document(document: Any, path: Path) -> tuple[BaselineMetadata, dict[str, Any] | None, int]:
     """Validate the common envelope; returns metadata, tolerance and schema version."""
     if not isinstance(document, dict):
-        raise BaselineError(f"baseline {path} does not hold a pytest-easyquant baseline object; {RERECORD}", path=path)
+        raise _unusable(f"baseline {path} does not hold a pytest-easyquant baseline object", path)
     version = document.get("schema_version")
     if version != SCHEMA_VERSION:
-        raise BaselineError(
-            f"baseline {path} has schema version {version!r}, this pytest-easyquant reads version "
-            f"{SCHEMA_VERSION}; re-record it with `pytest --eq-update-baselines`",
-            path=path,
+        raise _unusable(
+            f"baseline {path} has schema version {version!r}, this pytest-easyquant reads version {SCHEMA_VERSION}",
+            path,
         )
     try:
         metadata = BaselineMetadata.from_dict(document.get("metadata"))
     except (TypeError, ValueError) as exc:
-        raise BaselineError(f"baseline {path} has unusable metadata ({exc}); {RERECORD}", path=path) from None
+        raise _unusable(f"baseline {path} has unusable metadata ({exc})", path) from None
     tolerance = document.get("tolerance")
     if tolerance is not None and not isinstance(tolerance, dict):
-        raise BaselineError(f"baseline {path} has a malformed tolerance block; {RERECORD}", path=path)
+        raise _unusable(f"baseline {path} has a malformed tolerance block", path)
     return metadata, tolerance, version
 
 
@@ -243,17 +144,17 @@ def read_json(path: Path) -> StoredJSON:
     try:
         document = json.loads(raw.decode("utf-8"))
     except UnicodeDecodeError:
-        raise BaselineError(f"baseline {path} is not UTF-8 text; {RERECORD}", path=path) from None
+        raise _unusable(f"baseline {path} is not UTF-8 text", path) from None
     except json.JSONDecodeError as exc:
-        raise BaselineError(
+        raise _unusable(
             f"baseline {path} is not valid JSON (line {exc.lineno} column {exc.colno}: {exc.msg}), "
-            f"perhaps truncated or badly merged; {RERECORD}",
-            path=path,
+            "perhaps truncated or badly merged",
+            path,
         ) from None
     metadata, tolerance, version = _check_document(document, path)
     values = document.get("values")
     if not isinstance(values, dict):
-        raise BaselineError(f"baseline {path} has no 'values' object; {RERECORD}", path=path)
+        raise _unusable(f"baseline {path} has no 'values' object", path)
     return StoredJSON(values=values, metadata=metadata, tolerance=tolerance, schema_version=version)
 
 
@@ -305,17 +206,14 @@ def read_npz(path: Path) -> StoredArrays:
         with np.load(io.BytesIO(raw), allow_pickle=False) as archive:
             arrays = {name: archive[name] for name in archive.files}
     except (ValueError, OSError, EOFError, KeyError, zipfile.BadZipFile, zlib.error, struct.error) as exc:
-        raise BaselineError(
-            f"baseline {path} is not a readable NPZ ({type(exc).__name__}: {exc}), perhaps truncated; {RERECORD}",
-            path=path,
-        ) from None
+        raise _unusable(f"baseline {path} is not a readable NPZ ({_npz_problem(exc)})", path) from None
     meta = arrays.pop(META_KEY, None)
     if meta is None or meta.dtype != np.uint8 or meta.ndim != 1:
-        raise BaselineError(f"baseline {path} has no {META_KEY} entry, so pytest-easyquant did not write it; {RERECORD}", path=path)
+        raise _unusable(f"baseline {path} has no {META_KEY} entry, so pytest-easyquant did not write it", path)
     try:
         document = json.loads(meta.tobytes().decode("utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError):
-        raise BaselineError(f"baseline {path} has a corrupt {META_KEY} entry; {RERECORD}", path=path) from None
+        raise _unusable(f"baseline {path} has a corrupt {META_KEY} entry", path) from None
     metadata, tolerance, version = _check_document(document, path)
     return StoredArrays(arrays=arrays, metadata=metadata, tolerance=tolerance, schema_version=version)
 
@@ -353,5 +251,5 @@ def read_png(path: Path) -> bytes:
     data = _read_bytes(path)
     problem = _png_problem(data)
     if problem:
-        raise BaselineError(f"baseline {path} {problem}; {RERECORD}", path=path)
+        raise _unusable(f"baseline {path} {problem}", path)
     return data

@@ -8,6 +8,7 @@ values, then write them (update modes) or read the baseline and compare through
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,10 +16,13 @@ from typing import Any
 
 import pytest
 
-from pytest_easyquant.check_report import CheckReport, Row
+from pytest_easyquant.check_report import CheckReport
 from pytest_easyquant.checks import Check, Payload, plan_checks
+from pytest_easyquant.commands import record_missing_command, rerecord_check_command, user_test_command
 from pytest_easyquant.errors import BaselineError, CheckFailure, run_check
 from pytest_easyquant.naming import baseline_file, sanitize, weights_label
+from pytest_easyquant.report.junit import check_properties
+from pytest_easyquant.report.records import MetricRecord
 from pytest_easyquant.session import EQSession, Outcome, PipelineError, get_session
 from pytest_easyquant.storage import (
     BaselineMetadata,
@@ -129,6 +133,10 @@ class EQCheckItem(pytest.Item):
             metadata=lambda: session.metadata(request),
             suite=self.parent.name,
             missing_hint=lambda: session.recorded_recipes_hint(request),
+            commands=FixCommands(
+                record=lambda: record_missing_command(self.config, session.options, request),
+                rerecord=lambda: rerecord_check_command(self.config, session.options, request, self.check.name),
+            ),
         )
 
     def repr_failure(self, excinfo: pytest.ExceptionInfo[BaseException], style: Any = None) -> str:
@@ -138,6 +146,22 @@ class EQCheckItem(pytest.Item):
 
     def reportinfo(self) -> tuple[Path, None, str]:
         return self.path, None, f"{self.parent.name}::{self.name}"
+
+
+@dataclass(frozen=True)
+class FixCommands:
+    """How to repair a check's baselines, as printed: ``record()`` records the missing ones (of
+    the whole model run), ``rerecord()`` re-records this check's."""
+
+    record: Callable[[], str]
+    rerecord: Callable[[], str]
+
+
+def _user_test_commands(node: pytest.Item, session: EQSession) -> FixCommands:
+    return FixCommands(
+        record=lambda: user_test_command(node, session.options, update="--eq-update-new-only"),
+        rerecord=lambda: user_test_command(node, session.options, update="--eq-update-baselines"),
+    )
 
 
 def verify(
@@ -151,17 +175,22 @@ def verify(
     suite: str,
     extra_rules: list[Any] = (),
     missing_hint: Callable[[], str] | None = None,
+    commands: FixCommands | None = None,
 ) -> None:
     """The one routine every check goes through: obtain, then write (update modes) or compare.
 
     ``check`` has ``name``, ``storage_key``, ``suffixes`` and ``compare``; ``obtain()`` returns its
-    Payload; ``metadata()`` the current BaselineMetadata; ``missing_hint()``, a line added to a
-    missing-baseline failure. Raises CheckFailure / BaselineError.
+    Payload; ``metadata()`` the current BaselineMetadata; ``missing_hint()``, a line for the
+    summary when baselines are missing; ``commands``, how to repair them (default: rerun the
+    user's test). Raises CheckFailure / BaselineError. The outcome also goes to the JUnit XML
+    properties of ``node``.
     """
-    outcome = Outcome(nodeid=node.nodeid, suite=suite, check=check.name, status="error")
+    worker = getattr(session.config, "workerinput", {}).get("workerid", "")
+    outcome = Outcome(nodeid=node.nodeid, suite=suite, check=check.name, status="error", worker=worker)
     session.record(outcome)
+    commands = commands or _user_test_commands(node, session)
     try:
-        _settle(node, session, check, obtain(), directory, metadata, outcome, list(extra_rules), missing_hint)
+        _settle(node, session, check, obtain(), directory, metadata, outcome, list(extra_rules), missing_hint, commands)
     except QUIET_ERRORS as exc:
         outcome.message = str(exc)
         if isinstance(exc, CheckFailure):
@@ -170,6 +199,8 @@ def verify(
     except Exception as exc:
         outcome.message = f"{type(exc).__name__}: {exc}"
         raise
+    finally:
+        node.user_properties.extend(check_properties(outcome.check, outcome.status, outcome.rows))
 
 
 def _settle(
@@ -182,6 +213,7 @@ def _settle(
     outcome: Outcome,
     extra_rules: list[Any],
     missing_hint: Callable[[], str] | None,
+    commands: FixCommands,
 ) -> None:
     options = session.options
     files = _files(check, directory)
@@ -195,44 +227,48 @@ def _settle(
         recorded = {row.metric: {"atol": row.tolerance.atol, "rtol": row.tolerance.rtol} for row in rows}
         write_payload(check, directory, obtained, metadata(), recorded)
         outcome.status = "written"
-        outcome.rows = [_row_list(row, written=True) for row in rows]
+        outcome.rows = [MetricRecord.from_row(row, written=True) for row in rows]
         return
     try:
         stored = read_payload(check, directory)
-    except MissingBaseline as exc:
+    except BaselineError as exc:
+        # What the check obtained still goes to the reports, as "now" without a baseline.
+        table = tolerance_table(node, options, stored=None, extra=extra_rules)
+        rows = check.compare(obtained, obtained, table, results_dir=results_dir) if obtained.png is None else []
+        outcome.rows = [MetricRecord.from_row(row, written=True) for row in rows]
+        if not isinstance(exc, MissingBaseline):
+            raise BaselineError(f"{exc.reason}; re-record it with: {commands.rerecord()}", path=exc.path) from None
         outcome.status = "missing"
-        outcome.command = session.update_command()
-        message = f"no baseline at {exc.path}; record it with: {outcome.command}"
+        outcome.command = commands.record()
         outcome.hint = missing_hint() if missing_hint is not None else ""
-        raise MissingBaseline(f"{message}\n{outcome.hint}" if outcome.hint else message, path=exc.path) from None
+        where = _shown_path(exc.path, session.config.rootpath)
+        raise MissingBaseline(
+            f"no baseline at {where} (the easyquant summary has the command that records it)", path=exc.path
+        ) from None
     table = tolerance_table(node, options, stored=stored.tolerance, extra=extra_rules)
     rows = check.compare(stored.payload, obtained, table, results_dir=results_dir)
-    differences = stored.metadata.differences(metadata()) if stored.metadata is not None else []
+    now = metadata()
+    differences = stored.metadata.differences(now) if stored.metadata is not None else []
     report = CheckReport(name=node.nodeid, rows=rows, metadata_differences=differences, extra=[])
-    outcome.rows = [_row_list(row) for row in rows]
+    if not report.passed and obtained.png is not None and stored.metadata is not None:
+        note = stored.metadata.rendering_note(now)
+        if note:
+            report.extra.append(f"{note}: {commands.rerecord()}")
+    outcome.rows = [MetricRecord.from_row(row) for row in rows]
     outcome.artifacts = [a for row in rows for a in getattr(row, "artifacts", ())]
+    outcome.metadata_differences = differences + report.extra
     outcome.status = "passed" if report.passed else "failed"
     run_check(report)
 
 
-def _row_list(row: Row, *, written: bool = False) -> list[Any]:
-    return [
-        row.metric,
-        None if written else _jsonable(row.baseline),
-        _jsonable(row.obtained),
-        None if written else _jsonable(row.delta),
-        row.tolerance.describe(),
-        bool(row.passed),
-    ]
-
-
-def _jsonable(value: Any) -> Any:
-    if isinstance(value, (int, float, str, bool)) or value is None:
-        return value
+def _shown_path(path: Path | None, root: Path) -> str:
+    """``path`` relative to the rootdir when inside it (shorter in a one-line reason)."""
+    if path is None:
+        return "(unknown)"
     try:
-        return float(value)
-    except (TypeError, ValueError):
-        return str(value)
+        return str(Path(path).resolve().relative_to(Path(root).resolve()))
+    except ValueError:
+        return str(path)
 
 
 def build_suites(session: EQSession, parent: pytest.Session) -> list[pytest.Item]:
@@ -245,6 +281,7 @@ def build_suites(session: EQSession, parent: pytest.Session) -> list[pytest.Item
         except PipelineError as exc:
             raise pytest.UsageError(f"--eq-model {model}: {exc}") from None
         checks = plan_checks(plan, plots=not session.options.no_plots)
+        switched_off = [c for c in every_check(plan) if c not in checks]
         name = suite_name(request, session.config.rootpath)
         suite = EQSuite.from_parent(parent, name=name, nodeid=name, request=request, checks=checks)
         suite.ihook.pytest_collectstart(collector=suite)
@@ -257,5 +294,19 @@ def build_suites(session: EQSession, parent: pytest.Session) -> list[pytest.Item
         session.suite_dirs.add(directory)
         for item in suite_items:
             session.expected_files.update(item.files)
+        # Checks an option turned off (--eq-no-plots, ...) keep their baselines "used".
+        session.expected_files.update(path for check in switched_off for path in _files(check, directory).values())
+        session.runs_info[name] = session.run_info(name, request)
+        session.generated_count += len(suite_items)
         items.extend(suite_items)
     return items
+
+
+def every_check(plan: Any) -> list[Check]:
+    """The checks ``plan_checks`` plans with every one of its switches on: its keyword-only
+    boolean parameters (``plots``, ...) are the options that turn checks off."""
+    switches = [
+        name for name, parameter in inspect.signature(plan_checks).parameters.items()
+        if parameter.kind is inspect.Parameter.KEYWORD_ONLY
+    ]
+    return plan_checks(plan, **dict.fromkeys(switches, True))

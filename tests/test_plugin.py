@@ -451,14 +451,28 @@ def test_corrupt_baselines_fail_their_checks_with_one_line_each(project: pytest.
         "plot[weight-sa-conv1]": rf"baseline {where}/plots/weight-sa-conv1.png does not start with the PNG signature",
         "layer_sqnr": rf"baseline {where}/layer_sqnr.json has schema version 2, this pytest-easyquant reads version 1",
     }
+    commands = {}
     for check, pattern in expected.items():
         # The failure section of each check is its one line, which says how to re-record.
         section = re.search(rf"_ easyquant\[tiny-none-w8a8\]::{re.escape(check)} _+\n(.*)\n", output)
         assert section, check
-        assert re.fullmatch(pattern + r".*re-(create|record) it with `pytest --eq-update-baselines`", section.group(1)), section.group(1)
+        match = re.fullmatch(pattern + r".*; re-record it with: (pytest .*)", section.group(1))
+        assert match, section.group(1)
+        commands[check] = match.group(1)
     assert_no_internal_traceback(result)
     # Nothing was touched: the broken files are still the broken files.
     assert (directory / "plots/weight-sa-conv1.png").read_bytes() == b"GIF89a not a png"
+
+    # Each printed command, run as printed, re-records exactly its check's files.
+    intact = directory / "qparams/conv1.weight_fake_quant.json"
+    before = intact.read_bytes()
+    for check, command in commands.items():
+        assert "--eq-model tiny" in command and "--eq-data data" in command and "allow_pickle" not in command
+        repaired = run(project, *shlex.split(command)[1:])
+        assert repaired.ret == 0, text(repaired)
+        repaired.assert_outcomes(passed=1, deselected=26)
+    assert intact.read_bytes() == before
+    run(project, *TINY).assert_outcomes(passed=27)
 
 
 def test_nan_activations_name_the_module(project: pytest.Pytester) -> None:
@@ -549,11 +563,14 @@ def test_missing_baseline_says_how_to_create_it(project: pytest.Pytester) -> Non
     result.assert_outcomes(failed=19)
     assert_no_internal_traceback(result)
     output = text(result)
-    commands = set(re.findall(r"^no baseline at .*; record it with: (pytest .*)$", output, re.MULTILINE))
+    # Each check fails with its one line; the command is printed once, in the summary.
+    reasons = re.findall(r"^no baseline at (\S+) \(the easyquant summary has the command that records it\)$", output, re.MULTILINE)
+    assert len(reasons) == 19 and "baselines/tiny-none/w8a8/fidelity.json" in reasons, output
+    commands = re.findall(r"^  19 checks have no baseline yet; record them with: (pytest .*)$", output, re.MULTILINE)
     assert len(commands) == 1, output
     (command,) = commands
+    assert output.count(command) == 1
     assert command.endswith("--eq-update-new-only") and "--eq-model tiny" in command
-    assert f"19 checks have no baseline yet; record them with: {command}" in output
 
     created = run(project, *shlex.split(command)[1:])
     assert created.ret == 0, text(created)
@@ -568,11 +585,10 @@ def test_a_recipe_without_baselines_points_to_the_recorded_ones(project: pytest.
     result = run(project, *TINY, "--eq-no-plots", "-k", "fidelity", "--eq-recipe", "w4a4")
     result.assert_outcomes(failed=1, deselected=18)
     output = text(result)
-    assert re.search(r"^no baseline at .*w4a4/fidelity\.json; record it with: pytest .*--eq-update-new-only$", output, re.MULTILINE)
-    failure, _, summary = output.partition("= easyquant summary =")
-    failure = failure.partition("= FAILURES =")[2]
-    summary = summary.partition("short test summary info")[0]  # untruncated there when CI is set
-    assert failure.count(hint) == 1 and summary.count(hint) == 1, output
+    assert re.search(r"^no baseline at .*w4a4/fidelity\.json \(the easyquant summary", output, re.MULTILINE)
+    assert re.search(r"^  1 check has no baseline yet; record it with: pytest .*--eq-recipe w4a4 --eq-no-plots --eq-update-new-only$", output, re.MULTILINE)
+    summary = output.partition("= easyquant summary =")[2].partition("short test summary info")[0]
+    assert summary.count(hint) == 1 and output.count(hint) == 1, output
 
     against = run(project, *TINY, "--eq-no-plots", "-k", "fidelity", "--eq-recipe", "w4a4", "--eq-baseline-recipe", "w8a8")
     assert "recipe: baseline w8a8, now w4a4" in text(against)
@@ -744,11 +760,10 @@ def test_changed_plot_fails_with_rms_and_leaves_images_and_html_report(project: 
     report = results_dir / "report.html"
     assert f"easyquant report: {report}" in output
     page = report.read_text()
-    assert page.index("<h2>Failures</h2>") < page.index("<h2>easyquant[tiny-none-w8a8]</h2>")
-    failures = page.split("<h2>Failures</h2>", 1)[1].split("<h2>easyquant[", 1)[0]
-    assert "<h3>easyquant[tiny-none-w8a8]::plot[act-sa-activation_post_process_1]</h3>" in failures
+    # The failing check appears once, its three images inline (tests/test_plugin_report.py has more).
+    assert page.count('data-check="easyquant[tiny-none-w8a8]::plot[act-sa-activation_post_process_1]"') == 1
     sources = re.findall(r'<img src="([^"]+)"', page)
-    assert {(report.parent / s).resolve() for s in sources} == {p.resolve() for p in paths.values()}
+    assert len(sources) == 3 and all(s.startswith("data:image/png;base64,") for s in sources)
 
 
 def test_terminal_summary_per_model(project: pytest.Pytester) -> None:
@@ -800,10 +815,13 @@ def test_user_fixtures_record_compare_and_fail(pytester: pytest.Pytester) -> Non
 
     missing = run(pytester, *args)
     missing.assert_outcomes(failed=1)
-    assert re.search(rf"no baseline at {directory}/agreement.json; record it with: pytest .*--eq-update-new-only", text(missing))
+    relative = directory.relative_to(pytester.path)
+    assert re.search(rf"no baseline at {relative}/agreement.json \(the easyquant summary has the command", text(missing))
+    command = re.search(r"record it with: (pytest .*test_user.py::test_digits_quantization .*--eq-update-new-only)$", text(missing), re.MULTILINE)
+    assert command, text(missing)
     assert_no_internal_traceback(missing)
 
-    written = run(pytester, *args, "--eq-update-baselines")
+    written = run(pytester, *shlex.split(command.group(1))[1:])
     written.assert_outcomes(passed=1)
     assert "tests/test_digits_quantization: 3 written" in text(written)
     assert {p.name for p in directory.iterdir()} == {"agreement.json", "logits.npz", "first-activation.png", "metadata.json"}

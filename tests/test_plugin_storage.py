@@ -379,6 +379,10 @@ def test_corrupt_npz_is_baseline_error(tmp_path: Path, case: str) -> None:
         read_npz(path)
     assert not isinstance(info.value, MissingBaseline)
     assert str(path) in str(info.value) and "\n" not in str(info.value)
+    # numpy's own message suggests allow_pickle=True; ours never does.
+    assert "allow_pickle" not in str(info.value)
+    if case == "pickled object":
+        assert "holds pickled Python objects, which pytest-easyquant never writes and does not load" in str(info.value)
 
 
 def test_npz_schema_mismatch(tmp_path: Path) -> None:
@@ -479,6 +483,23 @@ def test_metadata_differences() -> None:
     assert baseline.differences(changed) == ["recipe.extra: baseline (absent), now 1", "recipe.weight.bits: baseline 8, now 4"]
 
 
+def test_metadata_environment_fields_are_compared_only_when_recorded() -> None:
+    from matplotlib import ft2font
+
+    now = metadata(platform="Linux-x86_64", python="3.11.7", freetype=ft2font.__freetype_version__, backend="fx")
+    older = metadata()  # written before these fields existed
+    assert BaselineMetadata.from_dict(older.to_dict() | {"platform": None}).platform is None
+    assert older.differences(now) == []
+    assert now.differences(metadata(platform="Darwin-arm64", python="3.11.7", freetype="2.6.1", backend="pt2e")) == [
+        "platform: baseline Linux-x86_64, now Darwin-arm64",
+        f"freetype: baseline {ft2font.__freetype_version__}, now 2.6.1",
+        "backend: baseline fx, now pt2e",
+    ]
+    assert older.rendering_note(now) == ""
+    note = metadata(freetype="2.6.1", matplotlib="3.9.0").rendering_note(now)
+    assert note.startswith(f"the baseline image was drawn with matplotlib 3.9.0 (now 3.11.2) and FreeType 2.6.1 (now {now.freetype})")
+
+
 # --- usage ---------------------------------------------------------------------------------
 
 
@@ -503,6 +524,19 @@ def test_usage_tracker_reports_unused_files(tmp_path: Path) -> None:
     )
     assert tracker.unused([other], set()) == [other / "x.json"]
     assert tracker.unused([], set()) == []
+
+
+def test_plots_metadata_sidecar_is_unused_only_with_no_known_plot(tmp_path: Path) -> None:
+    directory = tmp_path / "tiny-none" / "w8a8"
+    for name in ("metadata.json", "plots/p.png", "fidelity.json"):
+        (directory / name).parent.mkdir(parents=True, exist_ok=True)
+        (directory / name).write_bytes(b"x")
+    tracker = UsageTracker()
+    tracker.mark(directory / "fidelity.json")
+    # A plot that is known (used, deselected or switched off) keeps the sidecar.
+    assert tracker.unused([directory], {directory / "plots/p.png"}) == []
+    # Nothing knows the plots any more: the sidecar goes with them.
+    assert tracker.unused([directory], set()) == [directory / "metadata.json", directory / "plots/p.png"]
 
 
 def test_errors_pickle_with_their_path(tmp_path: Path) -> None:

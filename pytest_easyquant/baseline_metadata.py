@@ -1,0 +1,182 @@
+"""What a baseline was recorded with: library versions, platform, recipe, data, backend.
+
+A failure prints :meth:`BaselineMetadata.differences` (``torch: baseline 2.14.1, now 2.15.0``),
+so a change caused by an upgrade, another machine or a changed recipe says so.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields
+from functools import lru_cache
+from typing import Any
+
+SCHEMA_VERSION = 1
+
+_VERSIONED = ("torch", "torchvision", "numpy", "matplotlib", "pytest_easyquant")
+_DISTRIBUTIONS = {"pytest_easyquant": "pytest-easyquant"}
+
+
+@lru_cache(maxsize=None)
+def _version(name: str) -> str:
+    from importlib import metadata
+
+    try:
+        return metadata.version(_DISTRIBUTIONS.get(name, name))
+    except metadata.PackageNotFoundError:
+        if name == "pytest_easyquant":
+            from pytest_easyquant import __version__
+
+            return __version__
+        return "unknown"
+
+
+def json_default(value: Any) -> Any:
+    """numpy scalars and arrays as plain Python values (float32 via its exact float64 value)."""
+    if hasattr(value, "dtype") and hasattr(value, "tolist"):
+        return value.tolist()
+    raise TypeError(f"{type(value).__name__} is not JSON-serializable")
+
+
+def _canonical(value: Any) -> Any:
+    """``value`` as it reads back from JSON (tuples become lists, keys strings)."""
+    return json.loads(json.dumps(value, sort_keys=True, default=json_default))
+
+
+def _short(value: Any, limit: int = 60) -> str:
+    text = value if isinstance(value, str) else json.dumps(value, sort_keys=True, default=str)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _flatten(prefix: str, value: Any) -> dict[str, Any]:
+    if isinstance(value, Mapping):
+        flat: dict[str, Any] = {}
+        for key, sub in value.items():
+            flat.update(_flatten(f"{prefix}.{key}", sub))
+        return flat
+    return {prefix: value}
+
+
+@lru_cache(maxsize=None)
+def _environment() -> dict[str, str]:
+    """Platform (system-machine), Python and matplotlib's FreeType version."""
+    import platform
+
+    try:
+        from matplotlib import ft2font
+
+        freetype = str(ft2font.__freetype_version__)
+    except ImportError:
+        freetype = "unknown"
+    return {
+        "platform": f"{platform.system()}-{platform.machine()}",
+        "python": platform.python_version(),
+        "freetype": freetype,
+    }
+
+
+_OPTIONAL = ("schema_version", "platform", "python", "freetype", "backend")
+
+
+@dataclass(frozen=True)
+class BaselineMetadata:
+    """What a baseline was recorded with, so a failure can say what changed since."""
+
+    model: str
+    weights: str
+    recipe: dict[str, Any] = field(hash=False)
+    data: str
+    seed: int
+    calib_batches: int
+    device: str
+    torch: str
+    torchvision: str
+    numpy: str
+    matplotlib: str
+    pytest_easyquant: str
+    schema_version: int = SCHEMA_VERSION
+    # Recorded since 0.1 (issue 18); None in baselines written before, and then not compared.
+    platform: str | None = None
+    python: str | None = None
+    freetype: str | None = None
+    backend: str | None = None
+
+    @classmethod
+    def current(
+        cls,
+        *,
+        model: str,
+        weights: str,
+        recipe: dict[str, Any],
+        data: str,
+        seed: int,
+        calib_batches: int,
+        device: str,
+        backend: str | None = None,
+    ) -> BaselineMetadata:
+        """This run's metadata, with the installed library versions ("unknown" if absent), the
+        platform, Python, matplotlib's FreeType (text rendering differs between its versions)."""
+        versions = {name: _version(name) for name in _VERSIONED}
+        return cls(
+            model=model, weights=weights, recipe=dict(recipe), data=data, seed=seed,
+            calib_batches=calib_batches, device=device, **versions, **_environment(), backend=backend,
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        return {f.name: getattr(self, f.name) for f in fields(self)}
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> BaselineMetadata:
+        """Unknown keys are ignored; missing ones or a non-dict recipe raise ValueError."""
+        if not isinstance(data, Mapping):
+            raise ValueError(f"metadata is a {type(data).__name__}, not an object")
+        names = [f.name for f in fields(cls)]
+        missing = [n for n in names if n not in data and n not in _OPTIONAL]
+        if missing:
+            raise ValueError(f"metadata lacks {', '.join(missing)}")
+        if not isinstance(data["recipe"], Mapping):
+            raise ValueError("metadata recipe is not an object")
+        values = {n: data[n] for n in names if n in data}
+        values["recipe"] = dict(values["recipe"])
+        return cls(**values)
+
+    def differences(self, other: BaselineMetadata) -> list[str]:
+        """Lines like ``torch: baseline 2.14.1, now 2.15.0`` (self = baseline, other = now)."""
+        lines = []
+        mine, theirs = _canonical(self.recipe), _canonical(other.recipe)
+        if mine.get("name") != theirs.get("name"):
+            lines.append(f"recipe: baseline {_short(mine.get('name'))}, now {_short(theirs.get('name'))}")
+        elif mine != theirs:
+            flat_mine, flat_theirs = _flatten("recipe", mine), _flatten("recipe", theirs)
+            for key in sorted(set(flat_mine) | set(flat_theirs)):
+                if flat_mine.get(key, "(absent)") != flat_theirs.get(key, "(absent)"):
+                    lines.append(
+                        f"{key}: baseline {_short(flat_mine.get(key, '(absent)'))}, "
+                        f"now {_short(flat_theirs.get(key, '(absent)'))}"
+                    )
+        for f in fields(self):
+            if f.name == "recipe":
+                continue
+            before, after = getattr(self, f.name), getattr(other, f.name)
+            if before is None and f.name in _OPTIONAL:
+                continue  # not recorded by the version that wrote the baseline
+            if before != after:
+                lines.append(f"{f.name}: baseline {_short(before)}, now {_short(after)}")
+        return lines
+
+
+    def rendering_note(self, other: BaselineMetadata) -> str:
+        """A line for an image failure when the baseline (self) was drawn with another matplotlib
+        or FreeType than this run (other), which alone moves text and antialiasing; else ""."""
+        changed = [
+            f"{label} {getattr(self, name)} (now {getattr(other, name)})"
+            for name, label in (("matplotlib", "matplotlib"), ("freetype", "FreeType"))
+            if getattr(self, name) is not None and getattr(self, name) != getattr(other, name)
+        ]
+        if not changed:
+            return ""
+        return (
+            f"the baseline image was drawn with {' and '.join(changed)}: text and antialiasing differ "
+            "between their versions, so compare plots on the setup that recorded them, or re-record them here"
+        )
