@@ -42,6 +42,9 @@ EQCORE_API = [
     "evaluate", "sqnr", "cosine_similarity", "top1_agreement", "topk_accuracy", "kl_divergence",
     "fidelity", "per_layer_sqnr", "collect_logits", "evaluate_dataset", "EQError", "get_model",
     "available_models", "ZooModel", "InputSpec", "get_loaders", "sample_images",
+    "per_layer_sensitivity", "SensitivityReport", "LayerSensitivity", "find_quantized_layers",
+    "QuantizedLayer", "suggest_mixed_precision", "MixedPrecisionTarget", "MixedPrecisionSuggestion",
+    "MixedRecipe", "mixed_recipe", "render_sensitivity",
 ]
 STRATEGIES_API = ["FakeQuantCase", "QParams", "fake_quant_cases", "grid_values", "qparams", "quant_ranges", "shapes"]
 
