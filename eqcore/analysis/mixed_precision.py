@@ -1,9 +1,10 @@
 """A measured mixed-precision suggestion: which layers to keep at the higher-precision recipe.
 
 :func:`suggest_mixed_precision` prepares and calibrates the model at both recipes, ranks the
-layers by their isolated sensitivity at the low recipe, and keeps the most sensitive ones at
-the high recipe, one at a time, until the target is met. The search swaps the high model's
-calibrated quantizers into the low model (no recalibration per step); the answer is then
+layers by their isolated sensitivity at the low recipe, and keeps the fewest most sensitive
+ones at the high recipe that meet the target. The search bisects over how many layers (it
+assumes one more layer at the high recipe does not make the model worse) and swaps the high
+model's calibrated quantizers into the low model instead of recalibrating; the answer is then
 *measured*: the suggested :class:`~eqcore.quant.mixed_recipe.MixedRecipe` is prepared and
 calibrated from scratch, and if that model misses the target the next layer is added.
 """
@@ -19,7 +20,7 @@ import torch
 from torch import nn
 
 from eqcore.analysis.evaluate import _batch_parts, collect_logits
-from eqcore.analysis.layers import QuantizedLayer, find_quantized_layers
+from eqcore.analysis.layers import find_quantized_layers
 from eqcore.analysis.metrics import Fidelity, fidelity
 from eqcore.analysis.replay import QuantizerFlags, set_fake_quant
 from eqcore.analysis.sa_run import _model_device
@@ -137,17 +138,38 @@ class _Context:
         return fidelity(self.reference, self._logits(model, fake_quant_modules(model)))
 
 
-def _swap(model: nn.Module, source: nn.Module, mine: QuantizedLayer, theirs: QuantizedLayer) -> None:
-    """Put ``source``'s quantizers of a layer in place of ``model``'s, role for role.
+class _Swapper:
+    """Sets the low model's quantizers of each layer to the low or the high model's, role for role.
 
-    Its input quantizers go too: a per-layer recipe (torch.ao's per-module qconfig) sets them.
+    A layer's input quantizers go with it: a per-layer recipe (torch.ao's per-module qconfig)
+    sets them too.
     """
-    pairs = [(mine.weight_quantizer, theirs.weight_quantizer), (mine.output_quantizer, theirs.output_quantizer)]
-    if len(mine.input_quantizers) == len(theirs.input_quantizers):
-        pairs += list(zip(mine.input_quantizers, theirs.input_quantizers))
-    for own, other in pairs:
-        if own is not None and other is not None:
-            model.set_submodule(own, source.get_submodule(other))
+
+    def __init__(self, low: nn.Module, high: nn.Module, order: tuple[str, ...]) -> None:
+        mine = {layer.name: layer for layer in find_quantized_layers(low)}
+        theirs = {layer.name: layer for layer in find_quantized_layers(high)}
+        missing = [name for name in order if name not in mine or name not in theirs]
+        if missing:
+            raise EQError(f"suggest_mixed_precision: layers {missing} of the report are not layers of the prepared models")
+        self.model, self.order = low, order
+        self.modules: dict[str, list[tuple[str, nn.Module, nn.Module]]] = {}
+        for name in order:
+            a, b = mine[name], theirs[name]
+            pairs = [(a.weight_quantizer, b.weight_quantizer), (a.output_quantizer, b.output_quantizer)]
+            if len(a.input_quantizers) == len(b.input_quantizers):
+                pairs += list(zip(a.input_quantizers, b.input_quantizers))
+            self.modules[name] = [
+                (own, low.get_submodule(own), high.get_submodule(other))
+                for own, other in pairs
+                if own is not None and other is not None
+            ]
+
+    def use(self, count: int) -> nn.Module:
+        """The low model with the ``count`` first layers of ``order`` at the high recipe."""
+        for index, name in enumerate(self.order):
+            for own, low_module, high_module in self.modules[name]:
+                self.model.set_submodule(own, high_module if index < count else low_module)
+        return self.model
 
 
 def suggest_mixed_precision(
@@ -191,20 +213,21 @@ def suggest_mixed_precision(
     if report is None:
         report = per_layer_sensitivity(low_model, loader, batches=batches, device=device, leave_one_out=False)
     order = tuple(row.name for row in report.most_sensitive(len(report.layers)))
-    mine = {layer.name: layer for layer in find_quantized_layers(low_model.model)}
-    theirs = {layer.name: layer for layer in find_quantized_layers(high_model.model)}
-    missing = [name for name in order if name not in mine or name not in theirs]
-    if missing:
-        raise EQError(f"suggest_mixed_precision: layers {missing} of the report are not layers of the prepared models")
+    swapper = _Swapper(low_model.model, high_model.model, order)
     steps: list[MixedPrecisionStep] = []
+
+    def estimate_met(count: int) -> bool:
+        estimate = context.measure(swapper.use(count))
+        steps.append(MixedPrecisionStep(count, estimate.sqnr_db, estimate.top1_agreement, measured=False))
+        return target.met(estimate, all_high)
+
     count = 0
     if not target.met(all_low, all_high):
-        for count, name in enumerate(order, start=1):
-            _swap(low_model.model, high_model.model, mine[name], theirs[name])
-            estimate = context.measure(low_model.model)
-            steps.append(MixedPrecisionStep(count, estimate.sqnr_db, estimate.top1_agreement, measured=False))
-            if target.met(estimate, all_high):
-                break
+        lower, count = 0, len(order)
+        if estimate_met(count):
+            while count - lower > 1:
+                middle = (lower + count) // 2
+                lower, count = (lower, middle) if estimate_met(middle) else (middle, count)
     while True:
         recipe = mixed_recipe(low, high, order[:count])
         if count == 0 or count == len(order):  # the same qconfigs as the all-low / all-high model
