@@ -60,6 +60,10 @@ OPTIONS: tuple[Option, ...] = (
     Option("no_plots", "skip rendering and comparing plots", False, "bool"),
     Option("tolerance", "tolerance rule '<metric-glob> atol=<x> [rtol=<y>]' (repeatable), "
            "e.g. 'fidelity.sqnr_db atol=0.5'", [], "list", "RULE"),
+    Option("no_sensitivity", "skip the per-layer sensitivity check (its sweep and bar plot)", False, "bool"),
+    Option("mixed_precision", "suggest which layers to keep at HIGH with the rest at LOW, measured, in the "
+           "summary and report: LOW:HIGH recipes, e.g. w4a8:w8a8; target SQNR within 1 dB of all-HIGH, "
+           "or append :sqnr=<dB> or :top1=<share>", None, metavar="LOW:HIGH"),
 )
 BY_DEST = {option.dest: option for option in OPTIONS}
 
@@ -139,6 +143,8 @@ class EQConfig:
     cli_rules: tuple[ToleranceRule, ...] = field(default=())
     ini_rules: tuple[ToleranceRule, ...] = field(default=())
     source: dict[str, str] = field(default_factory=dict, compare=False)
+    no_sensitivity: bool = False
+    mixed_precision: str | None = None
 
     @property
     def writes_baselines(self) -> bool:
@@ -185,6 +191,7 @@ def resolve(config: pytest.Config) -> EQConfig:
     ini_tolerances = config.getini("eq_tolerance") or []
     if values["update_baselines"] and values["update_new_only"]:
         raise pytest.UsageError("--eq-update-baselines and --eq-update-new-only are exclusive: pick one")
+    _check_mixed_precision(values["mixed_precision"], values["no_sensitivity"], source["mixed_precision"])
     return EQConfig(
         models=tuple(dict.fromkeys(values["model"])),
         weights=values["weights"],
@@ -205,7 +212,22 @@ def resolve(config: pytest.Config) -> EQConfig:
         cli_rules=_rules(cli_tolerances, source="cli", where="--eq-tolerance"),
         ini_rules=_rules(ini_tolerances, source="ini", where="ini option eq_tolerance"),
         source=source,
+        no_sensitivity=values["no_sensitivity"],
+        mixed_precision=values["mixed_precision"],
     )
+
+
+def _check_mixed_precision(value: str | None, no_sensitivity: bool, where: str) -> None:
+    from pytest_easyquant.sensitivity import parse_mixed_precision
+
+    if value is None:
+        return
+    try:
+        parse_mixed_precision(value)
+    except ValueError as exc:
+        raise pytest.UsageError(f"{where} {exc}") from None
+    if no_sensitivity:
+        raise pytest.UsageError(f"{where} ranks layers with the sensitivity check: drop --eq-no-sensitivity")
 
 
 def documentation_rows() -> list[tuple[str, str, str, str]]:

@@ -63,6 +63,8 @@ def terminal_summary(reporter: pytest.TerminalReporter, session: EQSession) -> N
             reporter.write_line("  " + line)
         if len(failed) > MAX_FAILED_ROWS:
             reporter.write_line(f"  ... and {len(failed) - MAX_FAILED_ROWS} more failing metrics (see the HTML report)")
+        for line in (line for o in outcomes for line in o.notes):
+            reporter.write_line("  " + line)
         missing = [o for o in outcomes if o.status == "missing"]
         if missing:
             reporter.write_line(f"  {len(missing)} checks have no baseline yet; record them with: {missing[0].command}")
@@ -123,6 +125,10 @@ def write_html_report(session: EQSession) -> Path:
     for suite, suite_outcomes in _by_suite(session.outcomes).items():
         parts.append(f"<h2>{html.escape(suite)}</h2>")
         for outcome in suite_outcomes:
+            if outcome.notes:
+                parts.append(f"<h4>{html.escape(outcome.check)}</h4><pre>{html.escape(chr(10).join(outcome.notes))}</pre>")
+            if outcome.artifacts and outcome.status in ("passed", "written"):
+                parts.append(f"<h4>{html.escape(outcome.check)} ({outcome.status})</h4>{_images(outcome, report_dir)}")
             if outcome.rows:
                 parts.append(f"<h4>{html.escape(outcome.check)} ({outcome.status})</h4>{_html_table(outcome.rows)}")
     parts.append("</body></html>")

@@ -38,6 +38,7 @@ class Outcome:
     artifacts: list[str] = field(default_factory=list)
     command: str = ""  # a missing baseline's: the command that records it
     hint: str = ""  # a missing baseline's pointer to the model's recorded recipes
+    notes: list[str] = field(default_factory=list)  # a check's own summary lines (sensitivity)
 
     def to_dict(self) -> dict[str, Any]:
         return dict(vars(self))
@@ -70,6 +71,7 @@ class EQSession:
         values = dict(
             model=model, weights=o.weights, data=o.data, recipe=o.recipe, cle=o.cle, device=o.device,
             seed=o.seed, calib_batches=o.calib_batches, batch_size=o.batch_size, sa_batches=o.sa_batches,
+            mixed_precision=o.mixed_precision,
         )
         values.update({k: v for k, v in overrides.items() if v is not None})
         return RunRequest(**values)

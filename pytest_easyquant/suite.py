@@ -15,6 +15,7 @@ from typing import Any
 
 import pytest
 
+from pytest_easyquant.atomic_files import atomic_write_bytes
 from pytest_easyquant.check_report import CheckReport, Row
 from pytest_easyquant.checks import Check, Payload, plan_checks
 from pytest_easyquant.errors import BaselineError, CheckFailure, run_check
@@ -189,6 +190,10 @@ def _settle(
         session.tracker.mark(path)
     missing = not all(path.exists() for path in files.values())
     results_dir = options.results_dir / sanitize(outcome.suite)
+    outcome.notes = list(obtained.notes)
+    for name, data in obtained.attachments.items():
+        atomic_write_bytes(results_dir / name, data)
+        outcome.artifacts.append(str(results_dir / name))
     if options.update_baselines or (options.update_new_only and missing):
         table = tolerance_table(node, options, stored=None, extra=extra_rules)
         rows = check.compare(obtained, obtained, table, results_dir=results_dir) if obtained.png is None else []
@@ -210,7 +215,7 @@ def _settle(
     differences = stored.metadata.differences(metadata()) if stored.metadata is not None else []
     report = CheckReport(name=node.nodeid, rows=rows, metadata_differences=differences, extra=[])
     outcome.rows = [_row_list(row) for row in rows]
-    outcome.artifacts = [a for row in rows for a in getattr(row, "artifacts", ())]
+    outcome.artifacts += [a for row in rows for a in getattr(row, "artifacts", ())]
     outcome.status = "passed" if report.passed else "failed"
     run_check(report)
 
@@ -244,7 +249,7 @@ def build_suites(session: EQSession, parent: pytest.Session) -> list[pytest.Item
             plan = session.plan(request)
         except PipelineError as exc:
             raise pytest.UsageError(f"--eq-model {model}: {exc}") from None
-        checks = plan_checks(plan, plots=not session.options.no_plots)
+        checks = plan_checks(plan, plots=not session.options.no_plots, sensitivity=not session.options.no_sensitivity)
         name = suite_name(request, session.config.rootpath)
         suite = EQSuite.from_parent(parent, name=name, nodeid=name, request=request, checks=checks)
         suite.ihook.pytest_collectstart(collector=suite)
