@@ -228,6 +228,13 @@ def test_replay_gives_the_full_forward_bit_for_bit(digits) -> None:
         quantizer.enable_fake_quant(True)
 
 
+def test_replay_off_gives_the_same_report(digits) -> None:
+    prepared, batches, _ = digits
+    replayed = per_layer_sensitivity(prepared, batches[:1])
+    full = per_layer_sensitivity(prepared, batches[:1], replay=False, sa=None)
+    assert replayed == full
+
+
 class SharedInPlace(nn.Module):
     """A ReLU that overwrites a value another op reads too: replaying cannot reuse it."""
 

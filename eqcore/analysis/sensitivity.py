@@ -187,6 +187,7 @@ def per_layer_sensitivity(
     sa: SAResult | None = None,
     device: torch.device | str | None = None,
     leave_one_out: bool = True,
+    replay: bool = True,
 ) -> SensitivityReport:
     """Sweep a calibrated fake-quant model layer by layer over ``loader`` (see the module docstring).
 
@@ -196,7 +197,9 @@ def per_layer_sensitivity(
     SA pass with every quantizer on runs over the same batches. The qparams are not touched
     (observers are off during the passes), and afterwards every quantizer's fake-quant and
     observer flags and every module's training flag are as they were.
-    ``leave_one_out=False`` skips those passes (their SQNRs are then NaN).
+    ``leave_one_out=False`` skips those passes (their SQNRs are then NaN). ``replay=False``
+    runs every per-layer pass as a full forward instead of re-running only what the toggle
+    changes (same numbers, about twice the time; for graphs whose ops have side effects).
     """
     if batches is not None and batches < 1:
         raise EQError(f"per_layer_sensitivity: batches must be at least 1, got {batches}")
@@ -216,7 +219,8 @@ def per_layer_sensitivity(
     try:
         flags.freeze()
         sweep = run_sweep(
-            model, quantizers, layers, weights, loader, batches=batches, device=device, leave_one_out=leave_one_out
+            model, quantizers, layers, weights, loader, batches=batches, device=device,
+            leave_one_out=leave_one_out, replay=replay,
         )
         if sweep.batches == 0:
             raise EQError("per_layer_sensitivity: the loader gave no batches; pass a loader with at least one batch")

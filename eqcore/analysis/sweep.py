@@ -91,14 +91,14 @@ class _Comparer:
 
 class _Sweep:
     def __init__(self, model: nn.Module, quantizers: dict[str, nn.Module], layers: list[QuantizedLayer],
-                 weights: set[str], leave_one_out: bool) -> None:
+                 weights: set[str], leave_one_out: bool, replay: bool) -> None:
         self.model, self.quantizers, self.layers = model, quantizers, layers
         self.weights = weights
         self.activations = set(quantizers) - weights
         self.leave_one_out = leave_one_out
         self.probes = {layer.probe: model.get_submodule(layer.probe) for layer in layers if layer.probe}
-        replay = GraphReplay(model, quantizers) if isinstance(model, fx.GraphModule) else None
-        self.replay = replay if replay is not None and replay.usable else None
+        graph = GraphReplay(model, quantizers) if replay and isinstance(model, fx.GraphModule) else None
+        self.replay = graph if graph is not None and graph.usable else None
         self.result = SweepResult(
             config_logits={"all": [], "weights_only": [], "activations_only": []},
             isolated={layer.name: [] for layer in layers},
@@ -157,12 +157,14 @@ def run_sweep(
     batches: int | None,
     device: torch.device,
     leave_one_out: bool = True,
+    replay: bool = True,
 ) -> SweepResult:
     """Every pass of the sweep over the first ``batches`` batches (all when None).
 
     The caller freezes the model (eval, observers off) and restores its flags afterwards.
+    ``replay=False`` runs every pass as a full forward.
     """
-    sweep = _Sweep(model, quantizers, layers, weights, leave_one_out)
+    sweep = _Sweep(model, quantizers, layers, weights, leave_one_out, replay)
     with torch.no_grad():
         for index, batch in enumerate(loader):
             if batches is not None and index >= batches:
