@@ -63,11 +63,16 @@ def resolve_mixed_recipes(text: str | None, registry: Any) -> tuple[Any, Any] | 
 
 
 def sweep(run: Any) -> Any:
-    """The run's SensitivityReport over the evaluation data, reusing the run's SA pass."""
+    """The run's SensitivityReport over the evaluation data.
+
+    The SA scores must come from the same data as the sweep to compare their rankings: the run's
+    SA pass is reused when it covered every evaluation batch, else the report runs its own.
+    """
     from eqcore.analysis.sensitivity import per_layer_sensitivity
 
     plan = run.plan
-    return per_layer_sensitivity(plan.prepared, plan.loaders.eval, sa=run.sa, device=run.request.device)
+    sa = run.sa if run.sa.batches >= len(plan.loaders.eval) else None
+    return per_layer_sensitivity(plan.prepared, plan.loaders.eval, sa=sa, device=run.request.device)
 
 
 def suggest(run: Any) -> Any:
