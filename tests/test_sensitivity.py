@@ -267,6 +267,32 @@ def test_a_graph_that_cannot_be_replayed_is_swept_with_full_passes() -> None:
         )
 
 
+class CalledTwice(nn.Module):
+    """One conv applied twice: one layer, toggled as one."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(2, 2, 3, padding=1)
+        self.fc = nn.Linear(2 * 8 * 8, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.conv(torch.relu(self.conv(x))).flatten(1))
+
+
+def test_a_module_called_twice_is_one_layer() -> None:
+    torch.manual_seed(0)
+    x = torch.randn(8, 2, 8, 8)
+    prepared = prepare(CalledTwice().eval(), "w8a8", (x[:2],))
+    calibrate(prepared.model, [x])
+    report = per_layer_sensitivity(prepared, [x])
+    assert [row.name for row in report.layers] == ["conv", "fc"]
+    reference = toggled_logits(prepared.model, [x], ())
+    for row in report.layers:
+        assert row.isolated_sqnr_db == pytest.approx(
+            sqnr(reference, toggled_logits(prepared.model, [x], set(row.quantizers))), rel=1e-12
+        )
+
+
 def test_a_model_without_quantizers_or_data_is_one_clear_error(digits) -> None:
     prepared, batches, _ = digits
     with pytest.raises(EQError, match="no fake-quant modules; prepare it first"):

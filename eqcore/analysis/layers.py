@@ -142,7 +142,10 @@ def _graph_layers(model: fx.GraphModule, quantizers: dict[str, nn.Module]) -> li
             probe = output or (str(op.target) if op.op == "call_module" else None)
             inputs = tuple(q for q in _inputs(op, quantizers) if q != target)
             layers.append(QuantizedLayer(owner, target, output, probe, inputs))
-    return _own_inputs(layers)
+    first = {}
+    for layer in layers:  # a module called twice is one layer: its first call's output quantizer
+        first.setdefault(layer.name, layer)
+    return _own_inputs(list(first.values()))
 
 
 def _own_inputs(layers: list[QuantizedLayer]) -> list[QuantizedLayer]:
