@@ -78,6 +78,18 @@ _EXPORTS: dict[str, str] = {
     "per_layer_sqnr": "analysis.evaluate",
     "collect_logits": "analysis.evaluate",
     "evaluate_dataset": "analysis.evaluate",
+    # per-layer sensitivity and mixed precision
+    "per_layer_sensitivity": "analysis.sensitivity",
+    "SensitivityReport": "analysis.sensitivity",
+    "LayerSensitivity": "analysis.sensitivity",
+    "find_quantized_layers": "analysis.layers",
+    "QuantizedLayer": "analysis.layers",
+    "suggest_mixed_precision": "analysis.mixed_precision",
+    "MixedPrecisionTarget": "analysis.mixed_precision",
+    "MixedPrecisionSuggestion": "analysis.mixed_precision",
+    "MixedRecipe": "quant.mixed_recipe",
+    "mixed_recipe": "quant.mixed_recipe",
+    "render_sensitivity": "plots.sensitivity",
     # errors
     "EQError": "errors",
     # models and data

@@ -35,6 +35,8 @@ class Payload:
     arrays: dict[str, np.ndarray] | None = None
     png: bytes | None = None
     problems: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)  # lines for the terminal summary and the report
+    attachments: dict[str, bytes] = field(default_factory=dict)  # files shown in the report, by name
 
 
 @dataclass(frozen=True)
@@ -88,16 +90,18 @@ class Check:
         return self.kind
 
 
-def plan_checks(plan: Plan, *, plots: bool) -> list[Check]:
+def plan_checks(plan: Plan, *, plots: bool, sensitivity: bool = True) -> list[Check]:
     """Every check of a model's suite, in a stable order."""
     checks = [Check("accuracy")] if plan.loaders.has_labels else []
     checks += [Check("fidelity"), Check("layer_sqnr")]
+    checks += [Check("sensitivity")] if sensitivity else []
     checks += [Check("qparams", name) for name in plan.quantizers]
     checks += [Check("act_hist", name) for name in plan.activation_quantizers]
     checks += [Check("weight_hist", name) for name in plan.weight_modules]
     if plots:
         checks += [Check("plot", f"act-sa-{name}") for name in plan.activation_quantizers]
         checks += [Check("plot", f"weight-sa-{name}") for name in plan.weight_modules]
+        checks += [Check("plot", "sensitivity")] if sensitivity else []
     return checks
 
 
@@ -182,7 +186,15 @@ def _weight_hist(run: ModelRun, target: str | None) -> Payload:
 def _plot(run: ModelRun, target: str | None) -> Payload:
     from pytest_easyquant.plotting import render_check_plot
 
-    return Payload(png=render_check_plot(run, target))
+    png = render_check_plot(run, target)
+    return Payload(png=png, attachments={f"{target}.png": png} if target == "sensitivity" else {})
+
+
+def _sensitivity(run: ModelRun, _: str | None) -> Payload:
+    from pytest_easyquant.sensitivity import sensitivity_payload
+
+    values, notes = sensitivity_payload(run)
+    return Payload(values=values, notes=notes)
 
 
 _OBTAIN = {
@@ -193,6 +205,7 @@ _OBTAIN = {
     "act_hist": _act_hist,
     "weight_hist": _weight_hist,
     "plot": _plot,
+    "sensitivity": _sensitivity,
 }
 
 

@@ -64,6 +64,10 @@ OPTIONS: tuple[Option, ...] = (
            "current directory; an ini value, to the rootdir)", None, metavar="PATH"),
     Option("prune_unused", "delete the baselines no check of this session uses (respecting -k/-m)", False, "bool"),
     Option("fail_unused", "fail the session when baselines no check uses exist", False, "bool"),
+    Option("no_sensitivity", "skip the per-layer sensitivity check (its sweep and bar plot)", False, "bool"),
+    Option("mixed_precision", "suggest which layers to keep at HIGH with the rest at LOW, measured, in the "
+           "summary and report: LOW:HIGH recipes, e.g. w4a8:w8a8; target SQNR within 1 dB of all-HIGH, "
+           "or append :sqnr=<dB> or :top1=<share>", None, metavar="LOW:HIGH"),
 )
 BY_DEST = {option.dest: option for option in OPTIONS}
 
@@ -146,6 +150,8 @@ class EQConfig:
     json: Path | None = None
     prune_unused: bool = False
     fail_unused: bool = False
+    no_sensitivity: bool = False
+    mixed_precision: str | None = None
 
     @property
     def writes_baselines(self) -> bool:
@@ -192,6 +198,7 @@ def resolve(config: pytest.Config) -> EQConfig:
     ini_tolerances = config.getini("eq_tolerance") or []
     if values["update_baselines"] and values["update_new_only"]:
         raise pytest.UsageError("--eq-update-baselines and --eq-update-new-only are exclusive: pick one")
+    _check_mixed_precision(values["mixed_precision"], values["no_sensitivity"], source["mixed_precision"])
     return EQConfig(
         models=tuple(dict.fromkeys(values["model"])),
         weights=values["weights"],
@@ -215,6 +222,8 @@ def resolve(config: pytest.Config) -> EQConfig:
         json=_json_path(config, values["json"], source["json"]),
         prune_unused=values["prune_unused"],
         fail_unused=values["fail_unused"],
+        no_sensitivity=values["no_sensitivity"],
+        mixed_precision=values["mixed_precision"],
     )
 
 
@@ -227,6 +236,19 @@ def _json_path(config: pytest.Config, value: str | None, where: str) -> Path | N
     if path.is_dir():
         raise pytest.UsageError(f"{where} {value}: is a directory; name the JSON file to write, e.g. {value}/easyquant.json")
     return path
+
+
+def _check_mixed_precision(value: str | None, no_sensitivity: bool, where: str) -> None:
+    from pytest_easyquant.sensitivity import parse_mixed_precision
+
+    if value is None:
+        return
+    try:
+        parse_mixed_precision(value)
+    except ValueError as exc:
+        raise pytest.UsageError(f"{where} {exc}") from None
+    if no_sensitivity:
+        raise pytest.UsageError(f"{where} ranks layers with the sensitivity check: drop --eq-no-sensitivity")
 
 
 def documentation_rows() -> list[tuple[str, str, str, str]]:

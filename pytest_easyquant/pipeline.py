@@ -22,12 +22,16 @@ from eqcore.analysis.hooks import activation_quantizers
 from eqcore.analysis.sa_run import SAResult, run_sensitivity_analysis
 from eqcore.analysis.evaluate import DatasetEvaluation, evaluate_dataset, per_layer_sqnr
 from eqcore.analysis.metrics import Fidelity, fidelity
+from eqcore.analysis.mixed_precision import MixedPrecisionSuggestion
+from eqcore.analysis.sensitivity import SensitivityReport
 from eqcore.prepare.calibrate import calibrate
 from eqcore.prepare.quantize import PreparedModel, fake_quant_modules, prepare
 from eqcore.quant.recipes import Recipe
 from eqcore.models.zoo import ZooModel
 
+from pytest_easyquant import sensitivity
 from pytest_easyquant.registry import Registry
+from pytest_easyquant.sensitivity import resolve_mixed_recipes
 
 
 @dataclass(frozen=True)
@@ -44,6 +48,7 @@ class RunRequest:
     calib_batches: int
     batch_size: int
     sa_batches: int
+    mixed_precision: str | None = None
 
 
 @dataclass
@@ -55,6 +60,7 @@ class Plan:
     recipe: Recipe
     prepared: PreparedModel
     loaders: Loaders
+    mixed_recipes: tuple[Recipe, Recipe] | None = None
 
     @property
     def data_name(self) -> str:
@@ -100,7 +106,8 @@ def plan(request: RunRequest, registry: Registry) -> Plan:
     example = tuple(t.to(device) for t in zoo.example_inputs())
     prepared = prepare(zoo.model, recipe, example, cle=request.cle)
     prepared.model.to(device)
-    return Plan(request=request, zoo=zoo, recipe=recipe, prepared=prepared, loaders=loaders)
+    mixed = resolve_mixed_recipes(request.mixed_precision, registry)
+    return Plan(request=request, zoo=zoo, recipe=recipe, prepared=prepared, loaders=loaders, mixed_recipes=mixed)
 
 
 @dataclass
@@ -125,6 +132,16 @@ class ModelRun:
     @property
     def request(self) -> RunRequest:
         return self.plan.request
+
+    @cached_property
+    def sensitivity(self) -> SensitivityReport:
+        """The per-layer sensitivity sweep, run once on first use (by the ``sensitivity`` check)."""
+        return sensitivity.sweep(self)
+
+    @cached_property
+    def mixed_precision(self) -> MixedPrecisionSuggestion | None:
+        """The ``--eq-mixed-precision`` suggestion, measured once on first use."""
+        return sensitivity.suggest(self)
 
     @classmethod
     def execute(cls, plan: Plan) -> ModelRun:

@@ -63,6 +63,8 @@ def terminal_summary(reporter: pytest.TerminalReporter, session: EQSession) -> N
             reporter.write_line("  " + line)
         if len(failed) > MAX_FAILED_ROWS:
             reporter.write_line(f"  ... and {len(failed) - MAX_FAILED_ROWS} more failing metrics (see the HTML report)")
+        for line in (line for o in outcomes for line in o.notes):
+            reporter.write_line("  " + line)
         missing = [o for o in outcomes if o.status == "missing"]
         for command in sorted({o.command for o in missing}):
             count = sum(o.command == command for o in missing)

@@ -44,6 +44,7 @@ class Outcome:
     hint: str = ""  # a missing baseline's pointer to the model's recorded recipes
     worker: str = ""
     metadata_differences: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)  # a check's own summary lines (sensitivity)
 
     def to_dict(self) -> dict[str, Any]:
         data = dict(vars(self))
@@ -87,6 +88,7 @@ class EQSession:
         values = dict(
             model=model, weights=o.weights, data=o.data, recipe=o.recipe, cle=o.cle, device=o.device,
             seed=o.seed, calib_batches=o.calib_batches, batch_size=o.batch_size, sa_batches=o.sa_batches,
+            mixed_precision=o.mixed_precision,
         )
         values.update({k: v for k, v in overrides.items() if v is not None})
         return RunRequest(**values)

@@ -16,7 +16,8 @@ from typing import Any
 
 import pytest
 
-from pytest_easyquant.check_report import CheckReport
+from pytest_easyquant.atomic_files import atomic_write_bytes
+from pytest_easyquant.check_report import CheckReport, Row
 from pytest_easyquant.checks import Check, Payload, plan_checks
 from pytest_easyquant.commands import record_missing_command, rerecord_check_command, user_test_command
 from pytest_easyquant.errors import BaselineError, CheckFailure, run_check
@@ -221,6 +222,10 @@ def _settle(
         session.tracker.mark(path)
     missing = not all(path.exists() for path in files.values())
     results_dir = options.results_dir / sanitize(outcome.suite)
+    outcome.notes = list(obtained.notes)
+    for name, data in obtained.attachments.items():
+        atomic_write_bytes(results_dir / name, data)
+        outcome.artifacts.append(str(results_dir / name))
     if options.update_baselines or (options.update_new_only and missing):
         table = tolerance_table(node, options, stored=None, extra=extra_rules)
         rows = check.compare(obtained, obtained, table, results_dir=results_dir) if obtained.png is None else []
@@ -255,7 +260,7 @@ def _settle(
         if note:
             report.extra.append(f"{note}: {commands.rerecord()}")
     outcome.rows = [MetricRecord.from_row(row) for row in rows]
-    outcome.artifacts = [a for row in rows for a in getattr(row, "artifacts", ())]
+    outcome.artifacts += [a for row in rows for a in getattr(row, "artifacts", ())]
     outcome.metadata_differences = differences + report.extra
     outcome.status = "passed" if report.passed else "failed"
     run_check(report)
@@ -280,7 +285,7 @@ def build_suites(session: EQSession, parent: pytest.Session) -> list[pytest.Item
             plan = session.plan(request)
         except PipelineError as exc:
             raise pytest.UsageError(f"--eq-model {model}: {exc}") from None
-        checks = plan_checks(plan, plots=not session.options.no_plots)
+        checks = plan_checks(plan, plots=not session.options.no_plots, sensitivity=not session.options.no_sensitivity)
         switched_off = [c for c in every_check(plan) if c not in checks]
         name = suite_name(request, session.config.rootpath)
         suite = EQSuite.from_parent(parent, name=name, nodeid=name, request=request, checks=checks)

@@ -145,6 +145,11 @@ DEFAULT_RULES: list[ToleranceRule] = [
     _default("histogram.*.score atol=1e-12 rtol=0.05"),
     # Images: RMS pixel difference on the 0-255 scale (matplotlib's compare_images).
     _default("image.* atol=1.0"),
+    # Per-layer sensitivity: sweep SQNRs in dB, SA scores, the SA-vs-sweep rank correlation.
+    _default("sensitivity.*sqnr_db atol=0.5"),
+    _default("sensitivity.*.top1_agreement atol=0.01"),
+    _default("sensitivity.*.sa_score atol=1e-12 rtol=0.05"),
+    _default("sensitivity.spearman_sa_vs_isolated atol=0.1"),
 ]
 
 

@@ -44,6 +44,9 @@ EQCORE_API = [
     "available_models", "ZooModel", "InputSpec", "get_loaders", "sample_images",
     "learnable_act", "learnable_weights", "fake_quant_act", "fake_quant_weight",
     "forward_and_backprop_an_image",
+    "per_layer_sensitivity", "SensitivityReport", "LayerSensitivity", "find_quantized_layers",
+    "QuantizedLayer", "suggest_mixed_precision", "MixedPrecisionTarget", "MixedPrecisionSuggestion",
+    "MixedRecipe", "mixed_recipe", "render_sensitivity",
 ]
 STRATEGIES_API = ["FakeQuantCase", "QParams", "fake_quant_cases", "grid_values", "qparams", "quant_ranges", "shapes"]
 

@@ -116,7 +116,7 @@ def expected_layout(ids: Iterable[str]) -> set[Path]:
         check = nodeid.split("::", 1)[1]
         kind, _, target = check.partition("[")
         target = target.rstrip("]")
-        if kind in ("accuracy", "fidelity", "layer_sqnr"):
+        if kind in ("accuracy", "fidelity", "layer_sqnr", "sensitivity"):
             files.add(Path(f"{kind}.json"))
         elif kind == "qparams":
             files.add(Path(f"qparams/{target}.json"))
@@ -186,7 +186,7 @@ def test_w4a4_against_w8a8_names_what_moved(pytester: pytest.Pytester) -> None:
     )
     output = text(result)
     assert result.ret == 1
-    result.assert_outcomes(failed=2, deselected=35)
+    result.assert_outcomes(failed=2, deselected=36)
     assert_no_internal_traceback(result)
     assert re.search(r"metric\s+baseline\s+obtained\s+delta\s+tolerance", output)
     # The row: metric, baseline, obtained, signed delta, tolerance and where it came from.
@@ -216,7 +216,7 @@ def test_changing_a_recipe_in_place_names_the_difference(pytester: pytest.Pytest
         "-k", "fidelity", "--eq-no-plots",
     )
     output = text(result)
-    result.assert_outcomes(failed=1, deselected=36)
+    result.assert_outcomes(failed=1, deselected=37)
     assert re.search(r"fidelity\.sqnr_db\s+36\.\d+\s+1\d\.\d+\s+-", output), output
     assert "recipe.weight.bits: baseline 8, now 4" in output
     assert "recipe.activation.bits: baseline 8, now 4" in output
@@ -241,7 +241,7 @@ def test_update_with_xdist_writes_a_complete_valid_set(project: pytest.Pytester)
     result.assert_outcomes(passed=len(ids))
     for nodeid in ids:
         assert re.search(rf"\[gw\d\] .*PASSED {re.escape(nodeid)}\s*$", output, re.MULTILINE), nodeid
-    assert "easyquant[tiny-none-w8a8]: 27 written" in output
+    assert "easyquant[tiny-none-w8a8]: 29 written" in output
     # The workers' reports reach the controller: unused files are reported once.
     assert f"unused baselines (1), not checked by any generated test:\n  {stray}" in output
 
@@ -300,7 +300,7 @@ def test_twenty_update_runs_never_leave_a_partial_file(project: pytest.Pytester)
     assert first.ret == 0, text(first)
     directory = project.path / TINY_DIR
     reference = baseline_files(directory)
-    assert {p.suffix for p in reference} == {".json", ".npz", ".png"} and len(reference) == 29
+    assert {p.suffix for p in reference} == {".json", ".npz", ".png"} and len(reference) == 30
 
     stop = project.path / "stop-reading"
     reader = subprocess.Popen(
@@ -441,7 +441,7 @@ def test_corrupt_baselines_fail_their_checks_with_one_line_each(project: pytest.
     edit_json(directory / "layer_sqnr.json", lambda d: d.update(schema_version=2))
 
     result = run(project, *TINY)
-    result.assert_outcomes(passed=22, failed=5)
+    result.assert_outcomes(passed=24, failed=5)
     output = text(result)
     where = re.escape(str(directory))
     expected = {
@@ -470,16 +470,16 @@ def test_corrupt_baselines_fail_their_checks_with_one_line_each(project: pytest.
         assert "--eq-model tiny" in command and "--eq-data data" in command and "allow_pickle" not in command
         repaired = run(project, *shlex.split(command)[1:])
         assert repaired.ret == 0, text(repaired)
-        repaired.assert_outcomes(passed=1, deselected=26)
+        repaired.assert_outcomes(passed=1, deselected=28)
     assert intact.read_bytes() == before
-    run(project, *TINY).assert_outcomes(passed=27)
+    run(project, *TINY).assert_outcomes(passed=29)
 
 
 def test_nan_activations_name_the_module(project: pytest.Pytester) -> None:
     result = run(project, "--eq-model", "nannet", "--eq-data", "data", "--eq-no-plots", "--eq-update-baselines")
     output = text(result)
     summary = result.parseoutcomes()
-    assert summary["failed"] == 19 and "passed" not in summary
+    assert summary["failed"] == 20 and "passed" not in summary
     lines = set(re.findall(r"^running model 'nannet' failed: (.*)$", output, re.MULTILINE))
     assert len(lines) == 1, lines
     (line,) = lines
@@ -515,7 +515,7 @@ def test_two_runs_write_identical_files_and_output_stays_clean(project: pytest.P
 
     one = baseline_files(project.path / "run1/tiny-none/w8a8")
     two = baseline_files(project.path / "run2/tiny-none/w8a8")
-    assert len(one) == 36 and one.keys() == two.keys()
+    assert len(one) == 38 and one.keys() == two.keys()
     assert [p for p in one if one[p] != two[p]] == []
     for relative in (p for p in one if p.suffix == ".png"):
         row = compare_image("image", one[relative], two[relative], Tolerance(), "default", results_dir=project.path / "cmp")
@@ -538,20 +538,20 @@ def test_node_ids_are_stable_and_selectable(project: pytest.Pytester) -> None:
 
     assert run(project, *TINY, "--eq-update-baselines", "--eq-no-plots").ret == 0
     fidelity = run(project, *TINY, "--eq-no-plots", "-k", "fidelity")
-    fidelity.assert_outcomes(passed=1, deselected=19)
+    fidelity.assert_outcomes(passed=1, deselected=20)
     assert "easyquant[tiny-none-w8a8]: 1 passed" in text(fidelity)
 
     marked = run(project, *TINY, "--eq-no-plots", "-m", "easyquant", "-v")
-    marked.assert_outcomes(passed=19, deselected=1)
+    marked.assert_outcomes(passed=20, deselected=1)
     assert "test_plain" not in text(marked)
     unmarked = run(project, *TINY, "--eq-no-plots", "-m", "not easyquant")
-    unmarked.assert_outcomes(passed=1, deselected=19)
+    unmarked.assert_outcomes(passed=1, deselected=20)
 
     edit_json(project.path / TINY_DIR / "fidelity.json", lambda d: d["values"].update(sqnr_db=d["values"]["sqnr_db"] + 1))
     failing = run(project, *TINY, "--eq-no-plots")
-    failing.assert_outcomes(passed=19, failed=1)
+    failing.assert_outcomes(passed=20, failed=1)
     rerun = run(project, *TINY, "--eq-no-plots", "--lf")
-    rerun.assert_outcomes(failed=1, deselected=19)
+    rerun.assert_outcomes(failed=1, deselected=20)
     assert "FAILED easyquant[tiny-none-w8a8]::fidelity" in text(rerun)
 
 
@@ -560,13 +560,13 @@ def test_node_ids_are_stable_and_selectable(project: pytest.Pytester) -> None:
 
 def test_missing_baseline_says_how_to_create_it(project: pytest.Pytester) -> None:
     result = run(project, *TINY, "--eq-no-plots", "-p", "no:cacheprovider")
-    result.assert_outcomes(failed=19)
+    result.assert_outcomes(failed=20)
     assert_no_internal_traceback(result)
     output = text(result)
     # Each check fails with its one line; the command is printed once, in the summary.
     reasons = re.findall(r"^no baseline at (\S+) \(the easyquant summary has the command that records it\)$", output, re.MULTILINE)
-    assert len(reasons) == 19 and "baselines/tiny-none/w8a8/fidelity.json" in reasons, output
-    commands = re.findall(r"^  19 checks have no baseline yet; record them with: (pytest .*)$", output, re.MULTILINE)
+    assert len(reasons) == 20 and "baselines/tiny-none/w8a8/fidelity.json" in reasons, output
+    commands = re.findall(r"^  20 checks have no baseline yet; record them with: (pytest .*)$", output, re.MULTILINE)
     assert len(commands) == 1, output
     (command,) = commands
     assert output.count(command) == 1
@@ -574,8 +574,8 @@ def test_missing_baseline_says_how_to_create_it(project: pytest.Pytester) -> Non
 
     created = run(project, *shlex.split(command)[1:])
     assert created.ret == 0, text(created)
-    assert "easyquant[tiny-none-w8a8]: 19 written" in text(created)
-    run(project, *TINY, "--eq-no-plots", "-p", "no:cacheprovider").assert_outcomes(passed=19)
+    assert "easyquant[tiny-none-w8a8]: 20 written" in text(created)
+    run(project, *TINY, "--eq-no-plots", "-p", "no:cacheprovider").assert_outcomes(passed=20)
 
 
 def test_a_recipe_without_baselines_points_to_the_recorded_ones(project: pytest.Pytester) -> None:
@@ -583,7 +583,7 @@ def test_a_recipe_without_baselines_points_to_the_recorded_ones(project: pytest.
     hint = "baselines of this model exist for recipe w8a8: to see what moves against them, run with --eq-baseline-recipe w8a8"
 
     result = run(project, *TINY, "--eq-no-plots", "-k", "fidelity", "--eq-recipe", "w4a4")
-    result.assert_outcomes(failed=1, deselected=18)
+    result.assert_outcomes(failed=1, deselected=19)
     output = text(result)
     assert re.search(r"^no baseline at .*w4a4/fidelity\.json \(the easyquant summary", output, re.MULTILINE)
     assert re.search(r"^  1 check has no baseline yet; record it with: pytest .*--eq-recipe w4a4 --eq-no-plots --eq-update-new-only$", output, re.MULTILINE)
@@ -607,13 +607,13 @@ def test_update_new_only_writes_only_missing_files(project: pytest.Pytester) -> 
 
     result = run(project, *TINY, "--eq-update-new-only")
     # The existing baselines are compared (the edited one fails), the others written.
-    result.assert_outcomes(passed=26, failed=1)
+    result.assert_outcomes(passed=28, failed=1)
     assert "FAILED easyquant[tiny-none-w8a8]::fidelity" in text(result)
-    assert "easyquant[tiny-none-w8a8]: 1 failed, 1 passed, 25 written" in text(result)
+    assert "easyquant[tiny-none-w8a8]: 1 failed, 1 passed, 27 written" in text(result)
     assert (directory / "fidelity.json").read_bytes() == changed
     for relative in existing:
         assert (directory / relative).stat().st_mtime_ns == 10**18
-    assert len(baseline_files(directory)) == 36
+    assert len(baseline_files(directory)) == 38
 
 
 def test_unused_baselines_are_reported_respecting_the_selection(project: pytest.Pytester) -> None:
@@ -647,24 +647,24 @@ def test_tolerance_precedence_cli_over_ini_over_baseline_over_default(project: p
     edit_json(path, lambda d: d["values"].update(sqnr_db=d["values"]["sqnr_db"] + 0.3))
 
     outside = run(project, *args)
-    outside.assert_outcomes(failed=1, deselected=18)
+    outside.assert_outcomes(failed=1, deselected=19)
     # The tolerance recorded with the baseline is echoed, with its source.
     assert re.search(r"fidelity\.sqnr_db\s+\S+\s+\S+\s+-0\.3\s+atol=0\.1 rtol=0 \(baseline\)", text(outside)), text(outside)
 
     project.makeini("[pytest]\neq_tolerance =\n    fidelity.* atol=1\n")
-    run(project, *args).assert_outcomes(passed=1, deselected=18)
+    run(project, *args).assert_outcomes(passed=1, deselected=19)
 
     cli = run(project, *args, "--eq-tolerance", "fidelity.sqnr_db atol=0.2")
-    cli.assert_outcomes(failed=1, deselected=18)
+    cli.assert_outcomes(failed=1, deselected=19)
     assert re.search(r"fidelity\.sqnr_db\s+\S+\s+\S+\s+-0\.3\s+atol=0\.2 rtol=0 \(cli\)", text(cli))
 
     # Without ini and CLI: the baseline's own tolerance beats the default.
     (project.path / "tox.ini").unlink()
     edit_json(path, lambda d: d["tolerance"].update({"fidelity.sqnr_db": {"atol": 0.5, "rtol": 0}}))
-    run(project, *args).assert_outcomes(passed=1, deselected=18)
+    run(project, *args).assert_outcomes(passed=1, deselected=19)
     edit_json(path, lambda d: d["tolerance"].pop("fidelity.sqnr_db"))
     default = run(project, *args)
-    default.assert_outcomes(failed=1, deselected=18)
+    default.assert_outcomes(failed=1, deselected=19)
     assert re.search(r"fidelity\.sqnr_db\s+\S+\s+\S+\s+-0\.3\s+atol=0\.1 rtol=0 \(default\)", text(default))
 
 
@@ -742,7 +742,7 @@ def test_changed_plot_fails_with_rms_and_leaves_images_and_html_report(project: 
         assert image.size == size
 
     result = run(project, *TINY, "-k", "plot or fidelity", "-p", "no:cacheprovider")
-    result.assert_outcomes(passed=8, failed=1, deselected=18)
+    result.assert_outcomes(passed=9, failed=1, deselected=19)
     output = text(result)
     assert_no_internal_traceback(result)
     rms = re.search(r"RMS pixel difference (\S+) \(0-255 scale\) > 1", output)
@@ -763,7 +763,9 @@ def test_changed_plot_fails_with_rms_and_leaves_images_and_html_report(project: 
     # The failing check appears once, its three images inline (tests/test_plugin_report.py has more).
     assert page.count('data-check="easyquant[tiny-none-w8a8]::plot[act-sa-activation_post_process_1]"') == 1
     sources = re.findall(r'<img src="([^"]+)"', page)
-    assert len(sources) == 3 and all(s.startswith("data:image/png;base64,") for s in sources)
+    # The failure's three images, and the sensitivity bars every report shows.
+    assert len(sources) == 4 and all(s.startswith("data:image/png;base64,") for s in sources)
+    assert page.count('data-role="sensitivity"') == 1
 
 
 def test_terminal_summary_per_model(project: pytest.Pytester) -> None:
@@ -772,7 +774,7 @@ def test_terminal_summary_per_model(project: pytest.Pytester) -> None:
     output = text(result)
     summary = output.split("easyquant summary", 1)[1]
     for model in ("tiny", "tiny2"):
-        block = summary.split(f"easyquant[{model}-none-w8a8]: 19 passed", 1)[1]
+        block = summary.split(f"easyquant[{model}-none-w8a8]: 20 passed", 1)[1]
         assert HEADER.match(block.strip().splitlines()[0].strip())
         assert re.search(r"accuracy\.quantized\.top1\s+0\.\d+\s+0\.\d+\s+0\s+atol=0\.01 rtol=0", block)
         assert re.search(r"fidelity\.sqnr_db\s+\d+\.\d+\s+\d+\.\d+\s+0\s+atol=0\.1 rtol=0", block)

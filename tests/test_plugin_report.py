@@ -59,7 +59,7 @@ def _failing_tiny_session(project: pytest.Pytester, *extra: str) -> pytest.RunRe
     edit_json(directory / "layer_sqnr.json", lambda d: d["values"].update(conv2=d["values"]["conv2"] + 5))
     _darken(directory / PLOT)
     result = run(project, *TINY, "-p", "no:cacheprovider", *extra)
-    result.assert_outcomes(passed=24, failed=3)
+    result.assert_outcomes(passed=26, failed=3)
     return result
 
 
@@ -74,7 +74,7 @@ out.headline = {};
 headline.querySelectorAll('tr[data-metric]').forEach(function(tr){
   out.headline[tr.dataset.metric] = Array.prototype.map.call(tr.cells, function(td){ return td.textContent; });
 });
-out.chartPoints = document.querySelectorAll('section.run svg.chart circle > title').length;
+out.chartPoints = document.querySelector('section.run svg.chart').querySelectorAll('circle > title').length;
 out.chartShown = shown(document.querySelector('section.run svg.chart'));
 var failures = document.querySelectorAll('details.check.failed');
 out.failures = Array.prototype.map.call(failures, function(d){ return d.dataset.check; });
@@ -120,7 +120,7 @@ def test_report_in_a_browser_shows_overview_failures_once_images_and_filters(pro
     assert delta == pytest.approx(now - baseline, abs=1e-4) and delta == pytest.approx(-1.0, abs=1e-4)
     assert seen["headline"]["fidelity.sqnr_db"][-1] == "outside"
     assert seen["headline"]["accuracy.quantized.top1"][-1] == "ok"
-    # layer_sqnr of conv1, conv2 and fc: a baseline and a now point each.
+    # The first chart, layer_sqnr of conv1, conv2 and fc: a baseline and a now point each.
     assert seen["chartShown"] and seen["chartPoints"] == 6
     assert sorted(c.split("::")[1] for c in seen["failures"]) == ["fidelity", "layer_sqnr", "plot[act-sa-activation_post_process_1]"]
     assert seen["failuresBeforePassing"] and not seen["passingOpen"]
@@ -151,15 +151,15 @@ def test_json_summary_merges_xdist_workers_validates_and_junit_carries_metrics(p
     edit_json(project.path / TINY_DIR / "fidelity.json", lambda d: d["values"].update(sqnr_db=d["values"]["sqnr_db"] + 1))
     collected = run(project, *models, "--collect-only", "-q")
     ids = {line for line in collected.outlines if "::" in line}
-    assert len(ids) == 38
+    assert len(ids) == 40
 
     result = project.runpytest_subprocess(*models, "-n", "2", "--eq-json", "out.json", "--junitxml", "j.xml", "-p", "no:cacheprovider")
-    result.assert_outcomes(passed=37, failed=1)
+    result.assert_outcomes(passed=39, failed=1)
     summary = json.loads((project.path / "out.json").read_text())
     jsonschema.Draft202012Validator.check_schema(SCHEMA)
     jsonschema.validate(summary, SCHEMA, cls=jsonschema.Draft202012Validator)
 
-    assert summary["exit_status"] == 1 and summary["counts"] == {"failed": 1, "passed": 37}
+    assert summary["exit_status"] == 1 and summary["counts"] == {"failed": 1, "passed": 39}
     checks = {c["nodeid"]: c for r in summary["runs"] for c in r["checks"]}
     assert set(checks) == ids
     assert {c["worker"] for c in checks.values()} == {"gw0", "gw1"}
@@ -241,7 +241,7 @@ def test_prune_unused_deletes_exactly_the_removed_models_files(project: pytest.P
     assert run(project, "--eq-update-baselines").ret == 0
     root = project.path / "baselines"
     kept, removed = _files(root / "tiny-none"), _files(root / "tiny2-none")
-    assert len(kept) == len(removed) == 27  # 36 less the 8 plots and their metadata.json
+    assert len(kept) == len(removed) == 28  # 38 less the 9 plots and their metadata.json
 
     # tiny2 leaves the project's model list: its files are unused.
     project.makeini("[pytest]\neq_model = tiny\neq_data = data\neq_no_plots = true\n")
@@ -250,7 +250,7 @@ def test_prune_unused_deletes_exactly_the_removed_models_files(project: pytest.P
     assert f"unused baselines ({len(removed)}), not checked by any generated test:" in text(reported)
     failing = run(project, "-p", "no:cacheprovider", "--eq-fail-unused")
     assert failing.ret == pytest.ExitCode.TESTS_FAILED
-    failing.assert_outcomes(passed=19)
+    failing.assert_outcomes(passed=20)
     command = re.search(r"delete them with: (pytest .*)$", text(failing), re.MULTILINE).group(1)
     # A selection (-k, or models named on the command line) says nothing about other models.
     assert "unused baselines" not in text(run(project, "-p", "no:cacheprovider", "-k", "fidelity"))
@@ -291,12 +291,12 @@ def test_repair_command_of_a_compared_recipe_rerecords_that_recipe(project: pyte
     w8a8 = project.path / TINY_DIR / "fidelity.json"
     w8a8.write_text("{ not json")
     broken = run(project, *args, "--eq-recipe", "w4a4", "--eq-baseline-recipe", "w8a8")
-    broken.assert_outcomes(failed=1, deselected=18)
+    broken.assert_outcomes(failed=1, deselected=19)
     command = re.search(r"re-record it with: (pytest .*)$", text(broken), re.MULTILINE).group(1)
     assert "--eq-recipe w8a8" in command and "--eq-baseline-recipe" not in command
     assert run(project, *shlex.split(command)[1:]).ret == 0
     assert read_json(w8a8).metadata.recipe["name"] == "w8a8"
-    run(project, *args).assert_outcomes(passed=1, deselected=18)
+    run(project, *args).assert_outcomes(passed=1, deselected=19)
 
 
 def test_metadata_records_the_environment_and_an_image_failure_names_a_freetype_change(project: pytest.Pytester) -> None:
@@ -313,7 +313,7 @@ def test_metadata_records_the_environment_and_an_image_failure_names_a_freetype_
     edit_json(directory / "metadata.json", lambda d: d["metadata"].update(freetype="2.6.1"))
     _darken(directory / PLOT)
     result = run(project, *args)
-    result.assert_outcomes(failed=1, deselected=26)
+    result.assert_outcomes(failed=1, deselected=28)
     output = text(result)
     assert f"freetype: baseline 2.6.1, now {ft2font.__freetype_version__}" in output
     assert re.search(

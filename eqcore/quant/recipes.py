@@ -113,13 +113,17 @@ class Recipe:
     def qconfig(self, channels: int | None) -> QConfig:
         return QConfig(activation=self.activation.factory(), weight=self.weight.factory(channels))
 
+    def for_layer(self, name: str) -> Recipe:
+        """The recipe of the layer (module) ``name``: this one; a mixed recipe picks per layer."""
+        return self
+
     def qconfig_mapping(self, model: nn.Module) -> QConfigMapping:
         """One QConfig per quantizable layer, named, like the seeds' loop."""
         mapping = QConfigMapping()
         for name, module in model.named_modules():
             if isinstance(module, self.layer_types):
                 channels = getattr(module, "out_channels", None) or getattr(module, "out_features", None)
-                mapping.set_module_name(name, self.qconfig(channels))
+                mapping.set_module_name(name, self.for_layer(name).qconfig(channels))
         return mapping
 
     def to_dict(self) -> dict[str, Any]:
