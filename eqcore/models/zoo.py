@@ -272,6 +272,8 @@ def _from_factory(name: str, weights: str, *, seed: int) -> ZooModel:
             f"model {name!r}: cannot import module {module_name!r} ({type(exc).__name__}: {exc}); make it "
             "importable: install it, or add its directory to PYTHONPATH or pytest's 'pythonpath' ini option"
         ) from exc
+    except Exception as exc:  # the user's module failed while importing: its own message, not ours
+        raise EQError(f"model {name!r}: importing {module_name!r} raised {type(exc).__name__}: {exc}") from exc
     factory: Any = module
     for part in attr_path.split("."):
         if not hasattr(factory, part):
@@ -279,9 +281,12 @@ def _from_factory(name: str, weights: str, *, seed: int) -> ZooModel:
         factory = getattr(factory, part)
     if not callable(factory):
         raise EQError(f"model {name!r}: {attr_path!r} is not callable; it must be a no-argument model factory")
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        built = factory()
+    try:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            built = factory()
+    except Exception as exc:  # the user's factory failed: its own message, not a traceback through us
+        raise EQError(f"model {name!r}: the factory {attr_path}() raised {type(exc).__name__}: {exc}") from exc
     if isinstance(built, ZooModel):
         zoo_model = built
     elif isinstance(built, nn.Module):
