@@ -57,6 +57,8 @@ def terminal_summary(reporter: pytest.TerminalReporter, session: EQSession) -> N
             counts[outcome.status] += 1
         summary = ", ".join(f"{n} {status}" for status, n in sorted(counts.items()))
         reporter.write_line(f"{suite}: {summary}")
+        for note in dict.fromkeys(note for outcome in outcomes for note in outcome.notes):
+            reporter.write_line(f"  note: {note}")
         headline = [r for o in outcomes if o.check in HEADLINE_KINDS for r in o.rows]
         failed = [r for o in outcomes if o.check not in HEADLINE_KINDS for r in o.rows if not r[5]]
         for line in _table(headline + failed[:MAX_FAILED_ROWS]) if headline or failed else []:
@@ -122,6 +124,8 @@ def write_html_report(session: EQSession) -> Path:
             parts.append(_html_table([r for r in outcome.rows if not r[5]]))
     for suite, suite_outcomes in _by_suite(session.outcomes).items():
         parts.append(f"<h2>{html.escape(suite)}</h2>")
+        for note in dict.fromkeys(note for outcome in suite_outcomes for note in outcome.notes):
+            parts.append(f"<p>note: {html.escape(note)}</p>")
         for outcome in suite_outcomes:
             if outcome.rows:
                 parts.append(f"<h4>{html.escape(outcome.check)} ({outcome.status})</h4>{_html_table(outcome.rows)}")

@@ -8,6 +8,7 @@ remembered and reported by each of its checks as the same one line.
 from __future__ import annotations
 
 import shlex
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -38,6 +39,7 @@ class Outcome:
     artifacts: list[str] = field(default_factory=list)
     command: str = ""  # a missing baseline's: the command that records it
     hint: str = ""  # a missing baseline's pointer to the model's recorded recipes
+    notes: list[str] = field(default_factory=list)  # the model run's one-line remarks for the summary
 
     def to_dict(self) -> dict[str, Any]:
         return dict(vars(self))
@@ -79,6 +81,8 @@ class EQSession:
         if request not in self._plans:
             from pytest_easyquant.pipeline import describe_error, plan
 
+            if ":" in request.model:
+                self._importable_from_rootdir()
             try:
                 self._plans[request] = plan(request, self.registry)
             except Exception as exc:  # any failure here is the user's input; report it as one line
@@ -87,6 +91,16 @@ class EQSession:
         if isinstance(result, PipelineError):
             raise result
         return result
+
+    def _importable_from_rootdir(self) -> None:
+        """Let ``--eq-model pkg.mod:build`` import from the rootdir, as pytest's ``pythonpath`` would.
+
+        Appended, so an installed module or one on the current path still wins; the process (or
+        pytester's sys.path snapshot) ends with the session.
+        """
+        root = str(self.config.rootpath)
+        if root not in sys.path:
+            sys.path.append(root)
 
     def run(self, request: Any) -> Any:
         """Calibrate, evaluate and analyse once; later calls get the cached result or error."""

@@ -113,11 +113,17 @@ class EQCheckItem(pytest.Item):
     def runtest(self) -> None:
         session = self.eq_session
         request = self.parent.eq_request
+        notes = list(session.plan(request).notes)
 
         def obtain() -> Payload:
-            obtained = self.check.obtain(session.run(request))
+            run = session.run(request)
+            obtained = self.check.obtain(run)
             if obtained.problems:
                 raise PipelineError("; ".join(obtained.problems))
+            if run.degenerate:
+                if not session.options.allow_degenerate:
+                    raise PipelineError(degenerate_message(request, run.degenerate))
+                notes.append(f"degenerate outputs recorded anyway (--eq-allow-degenerate): {run.degenerate}")
             return obtained
 
         verify(
@@ -129,6 +135,7 @@ class EQCheckItem(pytest.Item):
             metadata=lambda: session.metadata(request),
             suite=self.parent.name,
             missing_hint=lambda: session.recorded_recipes_hint(request),
+            notes=notes,
         )
 
     def repr_failure(self, excinfo: pytest.ExceptionInfo[BaseException], style: Any = None) -> str:
@@ -151,14 +158,16 @@ def verify(
     suite: str,
     extra_rules: list[Any] = (),
     missing_hint: Callable[[], str] | None = None,
+    notes: list[str] | None = None,
 ) -> None:
     """The one routine every check goes through: obtain, then write (update modes) or compare.
 
     ``check`` has ``name``, ``storage_key``, ``suffixes`` and ``compare``; ``obtain()`` returns its
     Payload; ``metadata()`` the current BaselineMetadata; ``missing_hint()``, a line added to a
-    missing-baseline failure. Raises CheckFailure / BaselineError.
+    missing-baseline failure; ``notes``, the summary's remarks on the model run (the outcome keeps
+    the list itself, so ``obtain()`` may still add to it). Raises CheckFailure / BaselineError.
     """
-    outcome = Outcome(nodeid=node.nodeid, suite=suite, check=check.name, status="error")
+    outcome = Outcome(nodeid=node.nodeid, suite=suite, check=check.name, status="error", notes=notes if notes is not None else [])
     session.record(outcome)
     try:
         _settle(node, session, check, obtain(), directory, metadata, outcome, list(extra_rules), missing_hint)
@@ -213,6 +222,15 @@ def _settle(
     outcome.artifacts = [a for row in rows for a in getattr(row, "artifacts", ())]
     outcome.status = "passed" if report.passed else "failed"
     run_check(report)
+
+
+def degenerate_message(request: Any, problem: str) -> str:
+    """The one line a degenerate model run fails with: what was seen and what to do."""
+    return (
+        f"model {request.model!r} gives degenerate outputs on the evaluation data: {problem}; its baselines "
+        "would guard nothing. Use trained weights (--eq-weights) or a model whose outputs vary with the "
+        "input, or pass --eq-allow-degenerate to record them anyway"
+    )
 
 
 def _row_list(row: Row, *, written: bool = False) -> list[Any]:
