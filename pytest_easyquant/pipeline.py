@@ -98,7 +98,7 @@ def plan(request: RunRequest, registry: Registry) -> Plan:
     device = torch.device(request.device)
     zoo.model.to(device).eval()
     example = tuple(t.to(device) for t in zoo.example_inputs())
-    notes = []
+    notes: list[str] = []
     probe = collect_logits(zoo.model, [example[0]], device).logits
     outputs = probe.shape[1] if probe.dim() > 1 else 1
     if loaders.has_labels and loaders.max_label >= outputs:

@@ -95,8 +95,8 @@ class EQSession:
     def _importable_from_rootdir(self) -> None:
         """Let ``--eq-model pkg.mod:build`` import from the rootdir, as pytest's ``pythonpath`` would.
 
-        Appended, so an installed module or one on the current path still wins; the process (or
-        pytester's sys.path snapshot) ends with the session.
+        Appended, so an installed module or one already on the path still wins; it stays on
+        ``sys.path`` for the rest of the process.
         """
         root = str(self.config.rootpath)
         if root not in sys.path:
