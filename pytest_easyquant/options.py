@@ -58,6 +58,8 @@ OPTIONS: tuple[Option, ...] = (
     Option("update_baselines", "write the obtained values as the new baselines (checks pass)", False, "bool"),
     Option("update_new_only", "write baselines only where none exists yet; compare the rest", False, "bool"),
     Option("no_plots", "skip rendering and comparing plots", False, "bool"),
+    Option("allow_degenerate", "record and compare a model whose outputs are degenerate (constant, all "
+           "zero or non-finite logits) instead of failing its checks", False, "bool"),
     Option("tolerance", "tolerance rule '<metric-glob> atol=<x> [rtol=<y>]' (repeatable), "
            "e.g. 'fidelity.sqnr_db atol=0.5'", [], "list", "RULE"),
     Option("json", "write a JSON summary of the session's checks to this file (relative to the "
@@ -144,6 +146,7 @@ class EQConfig:
     update_baselines: bool
     update_new_only: bool
     no_plots: bool
+    allow_degenerate: bool = False
     cli_rules: tuple[ToleranceRule, ...] = field(default=())
     ini_rules: tuple[ToleranceRule, ...] = field(default=())
     source: dict[str, str] = field(default_factory=dict, compare=False)
@@ -216,6 +219,7 @@ def resolve(config: pytest.Config) -> EQConfig:
         update_baselines=values["update_baselines"],
         update_new_only=values["update_new_only"],
         no_plots=values["no_plots"],
+        allow_degenerate=values["allow_degenerate"],
         cli_rules=_rules(cli_tolerances, source="cli", where="--eq-tolerance"),
         ini_rules=_rules(ini_tolerances, source="ini", where="ini option eq_tolerance"),
         source=source,

@@ -16,11 +16,12 @@ import numpy as np
 import torch
 from torch import nn
 
-from eqcore.models.loaders import Loaders, get_loaders
+from eqcore.models.loaders import Loaders, get_loaders, without_labels
 from eqcore.errors import EQError
 from eqcore.analysis.hooks import activation_quantizers
 from eqcore.analysis.sa_run import SAResult, run_sensitivity_analysis
-from eqcore.analysis.evaluate import DatasetEvaluation, evaluate_dataset, per_layer_sqnr
+from eqcore.analysis.degenerate import degenerate_output
+from eqcore.analysis.evaluate import DatasetEvaluation, collect_logits, evaluate_dataset, per_layer_sqnr
 from eqcore.analysis.metrics import Fidelity, fidelity
 from eqcore.analysis.mixed_precision import MixedPrecisionSuggestion
 from eqcore.analysis.sensitivity import SensitivityReport
@@ -53,7 +54,10 @@ class RunRequest:
 
 @dataclass
 class Plan:
-    """What a request produces, known before anything runs: the names of its checks."""
+    """What a request produces, known before anything runs: the names of its checks.
+
+    ``notes`` are one-line remarks for the summary (e.g. why the data count as unlabeled here).
+    """
 
     request: RunRequest
     zoo: ZooModel
@@ -61,6 +65,7 @@ class Plan:
     prepared: PreparedModel
     loaders: Loaders
     mixed_recipes: tuple[Recipe, Recipe] | None = None
+    notes: list[str] = field(default_factory=list)
 
     @property
     def data_name(self) -> str:
@@ -104,10 +109,21 @@ def plan(request: RunRequest, registry: Registry) -> Plan:
     device = torch.device(request.device)
     zoo.model.to(device).eval()
     example = tuple(t.to(device) for t in zoo.example_inputs())
+    notes: list[str] = []
+    probe = collect_logits(zoo.model, [example[0]], device).logits
+    outputs = probe.shape[1] if probe.dim() > 1 else 1
+    if loaders.has_labels and loaders.max_label >= outputs:
+        notes.append(
+            f"data {loaders.name!r} are unlabeled for this model: {outputs} outputs, labels up to "
+            f"{loaders.max_label}; fidelity is checked, accuracy is not"
+        )
+        loaders = without_labels(loaders)
     prepared = prepare(zoo.model, recipe, example, cle=request.cle)
     prepared.model.to(device)
     mixed = resolve_mixed_recipes(request.mixed_precision, registry)
-    return Plan(request=request, zoo=zoo, recipe=recipe, prepared=prepared, loaders=loaders, mixed_recipes=mixed)
+    return Plan(
+        request=request, zoo=zoo, recipe=recipe, prepared=prepared, loaders=loaders, mixed_recipes=mixed, notes=notes
+    )
 
 
 @dataclass
@@ -128,6 +144,7 @@ class ModelRun:
     qparams: dict[str, QParams]
     sa: SAResult
     warnings: list[str] = field(default_factory=list)
+    degenerate: str | None = None  # why the outputs make fidelity meaningless (eqcore.analysis.degenerate)
 
     @property
     def request(self) -> RunRequest:
@@ -176,6 +193,7 @@ class ModelRun:
             qparams=qparams,
             sa=sa,
             warnings=notes,
+            degenerate=degenerate_output(float_eval.logits, quant_eval.logits),
         )
 
 

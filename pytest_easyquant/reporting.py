@@ -57,13 +57,15 @@ def terminal_summary(reporter: pytest.TerminalReporter, session: EQSession) -> N
             counts[outcome.status] += 1
         summary = ", ".join(f"{n} {status}" for status, n in sorted(counts.items()))
         reporter.write_line(f"{suite}: {summary}")
+        for note in dict.fromkeys(note for outcome in outcomes for note in outcome.notes):
+            reporter.write_line(f"  note: {note}")
         headline = [r for o in outcomes if o.check in HEADLINE_KINDS for r in o.rows]
         failed = [r for o in outcomes if o.check not in HEADLINE_KINDS for r in o.rows if not r[5]]
         for line in _table(headline + failed[:MAX_FAILED_ROWS]) if headline or failed else []:
             reporter.write_line("  " + line)
         if len(failed) > MAX_FAILED_ROWS:
             reporter.write_line(f"  ... and {len(failed) - MAX_FAILED_ROWS} more failing metrics (see the HTML report)")
-        for line in (line for o in outcomes for line in o.notes):
+        for line in (line for o in outcomes for line in o.summary_lines):
             reporter.write_line("  " + line)
         missing = [o for o in outcomes if o.status == "missing"]
         for command in sorted({o.command for o in missing}):

@@ -7,6 +7,7 @@ remembered and reported by each of its checks as the same one line.
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -44,7 +45,8 @@ class Outcome:
     hint: str = ""  # a missing baseline's pointer to the model's recorded recipes
     worker: str = ""
     metadata_differences: list[str] = field(default_factory=list)
-    notes: list[str] = field(default_factory=list)  # a check's own summary lines (sensitivity)
+    notes: list[str] = field(default_factory=list)  # the model run's one-line remarks for the summary
+    summary_lines: list[str] = field(default_factory=list)  # a check's own lines (sensitivity's top layers)
 
     def to_dict(self) -> dict[str, Any]:
         data = dict(vars(self))
@@ -98,6 +100,8 @@ class EQSession:
         if request not in self._plans:
             from pytest_easyquant.pipeline import describe_error, plan
 
+            if ":" in request.model:
+                self._importable_from_rootdir()
             try:
                 self._plans[request] = plan(request, self.registry)
             except Exception as exc:  # any failure here is the user's input; report it as one line
@@ -106,6 +110,16 @@ class EQSession:
         if isinstance(result, PipelineError):
             raise result
         return result
+
+    def _importable_from_rootdir(self) -> None:
+        """Let ``--eq-model pkg.mod:build`` import from the rootdir, as pytest's ``pythonpath`` would.
+
+        Appended, so an installed module or one already on the path still wins; it stays on
+        ``sys.path`` for the rest of the process.
+        """
+        root = str(self.config.rootpath)
+        if root not in sys.path:
+            sys.path.append(root)
 
     def run(self, request: Any) -> Any:
         """Calibrate, evaluate and analyse once; later calls get the cached result or error."""

@@ -17,7 +17,7 @@ from typing import Any
 import pytest
 
 from pytest_easyquant.atomic_files import atomic_write_bytes
-from pytest_easyquant.check_report import CheckReport, Row
+from pytest_easyquant.check_report import CheckReport
 from pytest_easyquant.checks import Check, Payload, plan_checks
 from pytest_easyquant.commands import record_missing_command, rerecord_check_command, user_test_command
 from pytest_easyquant.errors import BaselineError, CheckFailure, run_check
@@ -118,11 +118,17 @@ class EQCheckItem(pytest.Item):
     def runtest(self) -> None:
         session = self.eq_session
         request = self.parent.eq_request
+        notes = list(session.plan(request).notes)
 
         def obtain() -> Payload:
-            obtained = self.check.obtain(session.run(request))
+            run = session.run(request)
+            obtained = self.check.obtain(run)
             if obtained.problems:
                 raise PipelineError("; ".join(obtained.problems))
+            if run.degenerate:
+                if not session.options.allow_degenerate:
+                    raise PipelineError(degenerate_message(request, run.degenerate))
+                notes.append(f"degenerate outputs recorded anyway (--eq-allow-degenerate): {run.degenerate}")
             return obtained
 
         verify(
@@ -138,6 +144,7 @@ class EQCheckItem(pytest.Item):
                 record=lambda: record_missing_command(self.config, session.options, request),
                 rerecord=lambda: rerecord_check_command(self.config, session.options, request, self.check.name),
             ),
+            notes=notes,
         )
 
     def repr_failure(self, excinfo: pytest.ExceptionInfo[BaseException], style: Any = None) -> str:
@@ -177,17 +184,22 @@ def verify(
     extra_rules: list[Any] = (),
     missing_hint: Callable[[], str] | None = None,
     commands: FixCommands | None = None,
+    notes: list[str] | None = None,
 ) -> None:
     """The one routine every check goes through: obtain, then write (update modes) or compare.
 
     ``check`` has ``name``, ``storage_key``, ``suffixes`` and ``compare``; ``obtain()`` returns its
     Payload; ``metadata()`` the current BaselineMetadata; ``missing_hint()``, a line for the
     summary when baselines are missing; ``commands``, how to repair them (default: rerun the
-    user's test). Raises CheckFailure / BaselineError. The outcome also goes to the JUnit XML
-    properties of ``node``.
+    user's test); ``notes``, the summary's remarks on the model run (the outcome keeps the list
+    itself, so ``obtain()`` may still add to it). Raises CheckFailure / BaselineError. The outcome
+    also goes to the JUnit XML properties of ``node``.
     """
     worker = getattr(session.config, "workerinput", {}).get("workerid", "")
-    outcome = Outcome(nodeid=node.nodeid, suite=suite, check=check.name, status="error", worker=worker)
+    outcome = Outcome(
+        nodeid=node.nodeid, suite=suite, check=check.name, status="error", worker=worker,
+        notes=notes if notes is not None else [],
+    )
     session.record(outcome)
     commands = commands or _user_test_commands(node, session)
     try:
@@ -222,7 +234,7 @@ def _settle(
         session.tracker.mark(path)
     missing = not all(path.exists() for path in files.values())
     results_dir = options.results_dir / sanitize(outcome.suite)
-    outcome.notes = list(obtained.notes)
+    outcome.summary_lines = list(obtained.notes)
     for name, data in obtained.attachments.items():
         atomic_write_bytes(results_dir / name, data)
         outcome.artifacts.append(str(results_dir / name))
@@ -264,6 +276,15 @@ def _settle(
     outcome.metadata_differences = differences + report.extra
     outcome.status = "passed" if report.passed else "failed"
     run_check(report)
+
+
+def degenerate_message(request: Any, problem: str) -> str:
+    """The one line a degenerate model run fails with: what was seen and what to do."""
+    return (
+        f"model {request.model!r} gives degenerate outputs on the evaluation data: {problem}; its baselines "
+        "would guard nothing. Use trained weights (--eq-weights) or a model whose outputs vary with the "
+        "input, or pass --eq-allow-degenerate to record them anyway"
+    )
 
 
 def _shown_path(path: Path | None, root: Path) -> str:

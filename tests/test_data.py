@@ -10,7 +10,7 @@ from torchvision import transforms as T
 
 from eqcore.models.digits_data import digits_loaders, digits_split
 from eqcore.models.image_folder import image_folder_loader, scan_image_folder
-from eqcore.models.loaders import get_loaders
+from eqcore.models.loaders import get_loaders, without_labels
 from eqcore.models.samples import find_sample, sample_images, samples_loader
 from eqcore.models.specs import (
     DIGITS_MEAN,
@@ -231,3 +231,25 @@ def test_get_loaders_directory_calibration_subset_is_seeded(tmp_path):
 def test_get_loaders_rejects_data_that_does_not_fit_the_model(data, spec, phrase):
     with pytest.raises(EQError, match=phrase):
         get_loaders(data, spec, model_name="m")
+
+
+def test_max_label_is_the_label_space_the_data_can_hold(tmp_path):
+    # The samples' labels are ImageNet classes, whichever photos are installed: 999.
+    assert get_loaders("samples", SMALL, batch_size=4, calib_batches=1).max_label == 999
+    assert get_loaders("digits", digits_spec(), batch_size=64, calib_batches=1).max_label == 9
+    _write_image(tmp_path / "3" / "a.png", (1, 2, 3))
+    _write_image(tmp_path / "281" / "b.png", (4, 5, 6))
+    assert get_loaders(str(tmp_path), SMALL, batch_size=1, calib_batches=1).max_label == 281
+    _write_image(tmp_path / "x.png", (7, 8, 9))  # a loose image: the folder is unlabeled
+    assert get_loaders(str(tmp_path), SMALL, batch_size=1, calib_batches=1).max_label == -1
+
+
+def test_without_labels_keeps_the_images_and_drops_every_label():
+    labeled = get_loaders("samples", SMALL, batch_size=3, calib_batches=1)
+    unlabeled = without_labels(labeled)
+    images, labels = _batches(unlabeled.eval)
+    original, original_labels = _batches(labeled.eval)
+    assert (original_labels >= 0).any() and labels.tolist() == [-1] * len(original_labels)
+    assert torch.equal(images, original) and unlabeled.eval.batch_size == 3
+    assert not unlabeled.has_labels and unlabeled.max_label == -1 and unlabeled.num_eval == labeled.num_eval
+    assert unlabeled.calib is labeled.calib

@@ -179,9 +179,13 @@ def factory_module(tmp_path, monkeypatch):
 
             def not_a_model():
                 return 42
+
+            def raises():
+                raise RuntimeError("no weights here")
             """
         )
     )
+    (tmp_path / "my_broken_factories.py").write_text("SIZE = 1 / 0\n")
     monkeypatch.syspath_prepend(str(tmp_path))
     yield "my_factories"
     sys.modules.pop("my_factories", None)
@@ -206,6 +210,8 @@ def test_factory_models(factory_module, tmp_path):
         ("no_such_module_xyz:make", "cannot import module 'no_such_module_xyz'"),
         ("{m}:missing", "has no attribute 'missing'"),
         ("{m}:not_a_model", "returned a int"),
+        ("{m}:raises", r"^model 'my_factories:raises': the factory raises\(\) raised RuntimeError: no weights here$"),
+        ("my_broken_factories:make", r"importing 'my_broken_factories' raised ZeroDivisionError: division by zero$"),
     ],
 )
 def test_factory_errors(factory_module, name, phrase):

@@ -6,23 +6,25 @@ evaluation loaders for a model's input spec, refusing data that cannot feed that
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Dataset
 
 from eqcore.errors import EQError
 from eqcore.models.datasets import _check_batch_size, _loader
 from eqcore.models.digits_data import _check_digits_spec, _normalized_tensor_dataset, digits_loaders, digits_split
 from eqcore.models.image_folder import image_folder_loader, scan_image_folder
 from eqcore.models.samples import samples_loader
-from eqcore.models.specs import InputSpec
+from eqcore.models.specs import InputSpec, imagenet_categories
 
 __all__ = [
     "Loaders",
     "get_loaders",
+    "without_labels",
 ]
 
 BUILTIN_DATA: tuple[str, ...] = ("samples", "digits")
@@ -30,7 +32,12 @@ BUILTIN_DATA: tuple[str, ...] = ("samples", "digits")
 
 @dataclass(frozen=True)
 class Loaders:
-    """Calibration and evaluation loaders of one data source, ready for the plugin."""
+    """Calibration and evaluation loaders of one data source, ready for the plugin.
+
+    ``max_label`` is the largest class index the evaluation labels can take: ImageNet's 999 for
+    the samples (their labels are ImageNet classes, whichever photos are installed), else the
+    largest label present; -1 when unlabeled. A model with fewer outputs cannot be scored on them.
+    """
 
     name: str
     calib: DataLoader
@@ -38,6 +45,31 @@ class Loaders:
     has_labels: bool
     num_calib: int
     num_eval: int
+    max_label: int = -1
+
+
+class _Unlabeled(Dataset):
+    """Another dataset's images, each labeled -1 ("no label")."""
+
+    def __init__(self, dataset: Dataset) -> None:
+        self._dataset = dataset
+        self._labels = [-1] * len(dataset)  # type: ignore[arg-type]
+
+    def __len__(self) -> int:
+        return len(self._labels)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+        return self._dataset[index][0], -1
+
+
+def without_labels(loaders: Loaders) -> Loaders:
+    """The same data with every evaluation label -1: fidelity can be measured, accuracy is not.
+
+    For a model whose outputs are not the data's classes (a 10-class head on ImageNet-labeled
+    photos), where scoring accuracy would compare unrelated class indices.
+    """
+    evaluation = _loader(_Unlabeled(loaders.eval.dataset), loaders.eval.batch_size or 1)
+    return dataclasses.replace(loaders, eval=evaluation, has_labels=False, max_label=-1)
 
 
 def _dataset_labels(loader: DataLoader) -> list[int]:
@@ -101,11 +133,17 @@ def get_loaders(
         evaluation = image_folder_loader(path, spec, batch_size=batch_size)
         name = str(path)
     eval_labels = _dataset_labels(evaluation)
+    has_labels = any(label >= 0 for label in eval_labels)
+    if has_labels and name == "samples":
+        max_label = len(imagenet_categories()) - 1
+    else:
+        max_label = max(eval_labels, default=-1)
     return Loaders(
         name=name,
         calib=calib,
         eval=evaluation,
-        has_labels=any(label >= 0 for label in eval_labels),
+        has_labels=has_labels,
         num_calib=len(calib.dataset),  # type: ignore[arg-type]
         num_eval=len(eval_labels),
+        max_label=max_label,
     )

@@ -4,7 +4,10 @@ user's ``package.module:callable`` factory, each with the input spec its data mu
 Weights (``weights=`` / ``--eq-weights``):
 
 - ``"none"``: seeded random init (``seed``), deterministic; for ``digits`` it is the shipped
-  trained weights (``eqcore/assets/digits.pt``), since that model is only useful trained;
+  trained weights (``eqcore/assets/digits.pt``), since that model is only useful trained. Seeded
+  torchvision models then get ``eqcore.models.seeding``'s two rules, so their logits vary with the
+  input: all-zero heads re-initialised (vit_b_16), BatchNorm statistics from seeded noise
+  (efficientnet_b0's logits would otherwise be 1e-14);
 - ``"DEFAULT"`` or an enum name (``"ResNet18_Weights.IMAGENET1K_V1"`` or ``"IMAGENET1K_V1"``):
   torchvision's download into torch.hub's cache (a file already cached there loads offline);
   without internet it fails with an EQError that says to pass a local state-dict file instead;
@@ -40,6 +43,7 @@ from torch import nn
 
 from eqcore.errors import EQError
 from eqcore.models.digits_net import DigitsNet, digits_weights_path
+from eqcore.models.seeding import seed_informative
 from eqcore.models.specs import InputSpec, digits_spec, imagenet_spec
 from eqcore.models.weights import _is_weights_path, _load_into, load_state_dict_file, load_weights_file
 
@@ -52,6 +56,7 @@ __all__ = [
 DIGITS = "digits"
 _AUX_MODELS = ("googlenet", "inception_v3")
 _AUX_PREFIXES = ("aux1.", "aux2.", "AuxLogits.")
+SEEDING_BATCH = 2  # seeded noise images that set a seeded model's BatchNorm statistics
 
 
 @dataclass
@@ -246,11 +251,14 @@ def _torchvision(name: str, weights: str, *, seed: int) -> ZooModel:
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = builder(weights=None, **kwargs)
+    spec = _spec_from_enum(default)
     if state is not None:
         if name in _AUX_MODELS:
             state = {k: v for k, v in state.items() if not k.startswith(_AUX_PREFIXES)}
         _load_into(model, state, file=weights, model_name=name)
-    return ZooModel(model=model, name=name, weights=weights if from_file else "none", spec=_spec_from_enum(default))
+    else:
+        seed_informative(model, spec.example_inputs(SEEDING_BATCH, seed=seed), seed=seed)
+    return ZooModel(model=model, name=name, weights=weights if from_file else "none", spec=spec)
 
 
 def _from_factory(name: str, weights: str, *, seed: int) -> ZooModel:
@@ -264,6 +272,8 @@ def _from_factory(name: str, weights: str, *, seed: int) -> ZooModel:
             f"model {name!r}: cannot import module {module_name!r} ({type(exc).__name__}: {exc}); make it "
             "importable: install it, or add its directory to PYTHONPATH or pytest's 'pythonpath' ini option"
         ) from exc
+    except Exception as exc:  # the user's module failed while importing: its own message, not ours
+        raise EQError(f"model {name!r}: importing {module_name!r} raised {type(exc).__name__}: {exc}") from exc
     factory: Any = module
     for part in attr_path.split("."):
         if not hasattr(factory, part):
@@ -271,9 +281,12 @@ def _from_factory(name: str, weights: str, *, seed: int) -> ZooModel:
         factory = getattr(factory, part)
     if not callable(factory):
         raise EQError(f"model {name!r}: {attr_path!r} is not callable; it must be a no-argument model factory")
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        built = factory()
+    try:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            built = factory()
+    except Exception as exc:  # the user's factory failed: its own message, not a traceback through us
+        raise EQError(f"model {name!r}: the factory {attr_path}() raised {type(exc).__name__}: {exc}") from exc
     if isinstance(built, ZooModel):
         zoo_model = built
     elif isinstance(built, nn.Module):

@@ -223,8 +223,8 @@ def _check_block(outcome: Any, *, opened: bool, common: tuple[str, ...] = (), ru
     if own:
         items = "".join(f"<li>{escape(line)}</li>" for line in own)
         parts.append(f'<p class="recorded-head">its baseline was recorded with:</p><ul class="recorded">{items}</ul>')
-    if outcome.notes:  # a check's own summary lines, e.g. sensitivity's most sensitive layers
-        parts.append(f'<pre class="notes">{escape(chr(10).join(outcome.notes))}</pre>')
+    if outcome.summary_lines:  # a check's own summary lines, e.g. sensitivity's most sensitive layers
+        parts.append(f'<pre class="notes">{escape(chr(10).join(outcome.summary_lines))}</pre>')
     parts.append(_images(outcome))
     failing = [r for r in outcome.rows if not r.passed]
     passing = [r for r in outcome.rows if r.passed]
