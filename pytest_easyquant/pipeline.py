@@ -16,7 +16,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from eqcore.models.loaders import Loaders, get_loaders
+from eqcore.models.loaders import Loaders
 from eqcore.errors import EQError
 from eqcore.analysis.hooks import activation_quantizers
 from eqcore.analysis.sa_run import SAResult, run_sensitivity_analysis
@@ -44,6 +44,7 @@ class RunRequest:
     calib_batches: int
     batch_size: int
     sa_batches: int
+    backend: str = "auto"
 
 
 @dataclass
@@ -82,7 +83,7 @@ def plan(request: RunRequest, registry: Registry) -> Plan:
     torch.manual_seed(request.seed)
     zoo = registry.make_model(request.model, request.weights, seed=request.seed)
     recipe = registry.recipe(request.recipe)
-    loaders = get_loaders(
+    loaders = registry.loaders(
         request.data or zoo.default_data,
         zoo.spec,
         batch_size=request.batch_size,
@@ -93,7 +94,7 @@ def plan(request: RunRequest, registry: Registry) -> Plan:
     device = torch.device(request.device)
     zoo.model.to(device).eval()
     example = tuple(t.to(device) for t in zoo.example_inputs())
-    prepared = prepare(zoo.model, recipe, example, cle=request.cle)
+    prepared = prepare(zoo.model, recipe, example, cle=request.cle, backend=request.backend)
     prepared.model.to(device)
     return Plan(request=request, zoo=zoo, recipe=recipe, prepared=prepared, loaders=loaders)
 

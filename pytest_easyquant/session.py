@@ -62,6 +62,7 @@ class EQSession:
         self.suite_dirs: set[Path] = set()
         self.unused: list[str] = []
         self.report_path: Path | None = None
+        self.backend_notes: dict[str, str] = {}  # suite name -> which backend prepared it and why
 
     def request_for(self, model: str, **overrides: Any) -> Any:
         from pytest_easyquant.pipeline import RunRequest
@@ -70,6 +71,7 @@ class EQSession:
         values = dict(
             model=model, weights=o.weights, data=o.data, recipe=o.recipe, cle=o.cle, device=o.device,
             seed=o.seed, calib_batches=o.calib_batches, batch_size=o.batch_size, sa_batches=o.sa_batches,
+            backend=o.backend,
         )
         values.update({k: v for k, v in overrides.items() if v is not None})
         return RunRequest(**values)
@@ -139,6 +141,7 @@ class EQSession:
             seed=request.seed,
             calib_batches=request.calib_batches,
             device=request.device,
+            backend=plan.prepared.backend,
         )
 
     def update_command(self) -> str:

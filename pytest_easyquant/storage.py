@@ -100,16 +100,18 @@ class BaselineMetadata:
     matplotlib: str
     pytest_easyquant: str
     schema_version: int = SCHEMA_VERSION
+    backend: str = "fx"  # the preparation backend taken; baselines from before PT2E were all FX
 
     @classmethod
     def current(
-        cls, *, model: str, weights: str, recipe: dict[str, Any], data: str, seed: int, calib_batches: int, device: str
+        cls, *, model: str, weights: str, recipe: dict[str, Any], data: str, seed: int, calib_batches: int, device: str,
+        backend: str = "fx",
     ) -> BaselineMetadata:
         """This run's metadata, with the installed library versions ("unknown" if absent)."""
         versions = {name: _version(name) for name in _VERSIONED}
         return cls(
             model=model, weights=weights, recipe=dict(recipe), data=data, seed=seed,
-            calib_batches=calib_batches, device=device, **versions,
+            calib_batches=calib_batches, device=device, backend=backend, **versions,
         )
 
     def to_dict(self) -> dict[str, Any]:
@@ -121,7 +123,7 @@ class BaselineMetadata:
         if not isinstance(data, Mapping):
             raise ValueError(f"metadata is a {type(data).__name__}, not an object")
         names = [f.name for f in fields(cls)]
-        missing = [n for n in names if n not in data and n != "schema_version"]
+        missing = [n for n in names if n not in data and n not in ("schema_version", "backend")]
         if missing:
             raise ValueError(f"metadata lacks {', '.join(missing)}")
         if not isinstance(data["recipe"], Mapping):

@@ -246,6 +246,7 @@ def build_suites(session: EQSession, parent: pytest.Session) -> list[pytest.Item
             raise pytest.UsageError(f"--eq-model {model}: {exc}") from None
         checks = plan_checks(plan, plots=not session.options.no_plots)
         name = suite_name(request, session.config.rootpath)
+        session.backend_notes[name] = f"backend {plan.prepared.backend} ({plan.prepared.backend_note})"
         suite = EQSuite.from_parent(parent, name=name, nodeid=name, request=request, checks=checks)
         suite.ihook.pytest_collectstart(collector=suite)
         suite_items = suite.collect()

@@ -65,6 +65,9 @@ FUSED_ACTIVATIONS = (
     aten.hardtanh_.default,
 )
 
+# Identities in eval mode.
+IDENTITIES = (aten.dropout.default, aten.clone.default, aten.contiguous.default)
+
 # Ops whose output values are input values: a quantized input stays on its grid.
 GRID_PRESERVING = {
     aten.view.default, aten.reshape.default, aten._unsafe_view.default, aten.permute.default,
@@ -129,6 +132,8 @@ class EQQuantizer(Quantizer):
     def _quantize_input(self, consumer: fx.Node, value: Any) -> None:
         if not _is_float_tensor(value) or self._is_quantized(value):
             return
+        while value.op == "call_function" and value.target in IDENTITIES and _is_float_tensor(value.args[0]):
+            value = value.args[0]  # quantize (and name) the tensor itself, not its eval-mode copy
         if value.op in ("placeholder", "call_function"):
             _annotation(value).output_qspec = self.activation
         else:
