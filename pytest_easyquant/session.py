@@ -131,6 +131,28 @@ class EQSession:
             f"them, run with --eq-baseline-recipe {recipes[0]}"
         )
 
+    def recorded_backend_hint(self, request: Any) -> str:
+        """When this run's baselines were recorded with another backend (whose quantizer names
+        differ), which one, and how to compare against them."""
+        from pytest_easyquant.storage import read_json
+
+        recorded = None
+        for stored in ("metadata.json", "fidelity.json"):  # the latter exists in every suite
+            try:
+                recorded = read_json(self.baseline_dir(request) / stored).metadata.backend
+                break
+            except Exception:  # noqa: BLE001 - no readable metadata there
+                continue
+        if recorded is None:
+            return ""
+        now = self.plan(request).prepared.backend
+        if recorded == now:
+            return ""
+        return (
+            f"these baselines were recorded with backend {recorded}, but this run prepared the model with "
+            f"{now}: run with --eq-backend {recorded} to compare against them, or re-record them"
+        )
+
     def metadata(self, request: Any) -> BaselineMetadata:
         plan = self.plan(request)
         return BaselineMetadata.current(

@@ -128,7 +128,7 @@ class EQCheckItem(pytest.Item):
             directory=session.baseline_dir(request),
             metadata=lambda: session.metadata(request),
             suite=self.parent.name,
-            missing_hint=lambda: session.recorded_recipes_hint(request),
+            missing_hint=lambda: session.recorded_recipes_hint(request) or session.recorded_backend_hint(request),
         )
 
     def repr_failure(self, excinfo: pytest.ExceptionInfo[BaseException], style: Any = None) -> str:

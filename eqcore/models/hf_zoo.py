@@ -98,25 +98,25 @@ def _transformers() -> Any:
 
 def _config(name: str, source: str) -> tuple[Any, str, str]:
     """(config, kind, where pretrained weights come from) for a built-in name or a config path."""
-    transformers = _transformers()
     builtin = BUILTIN_CONFIGS.get(source)
     if builtin is not None:
-        config = transformers.AutoConfig.for_model(builtin.model_type, **builtin.settings)
+        config = _transformers().AutoConfig.for_model(builtin.model_type, **builtin.settings)
         return config, builtin.kind, builtin.hub_id
     path = Path(source).expanduser()
     if path.is_dir():
         path = path / "config.json"
     if not path.is_file():
         raise EQError(
-            f"--eq-model {name}: {source!r} is neither a built-in config ({', '.join(BUILTIN_CONFIGS)}) "
+            f"hf config {source!r} is neither a built-in config ({', '.join(BUILTIN_CONFIGS)}) "
             "nor an existing config.json; pass hf:bert-tiny, hf:vit-tiny or hf:path/to/config.json"
         )
+    transformers = _transformers()
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
         config = transformers.AutoConfig.for_model(**data)
     except Exception as exc:
         raise EQError(
-            f"--eq-model {name}: {str(path)!r} is not a transformers config ({type(exc).__name__}: {exc}); "
+            f"hf config {str(path)!r} is not a transformers config ({type(exc).__name__}: {exc}); "
             "it needs a known \"model_type\" (e.g. \"bert\") and that model's settings"
         ) from exc
     kind = "image" if hasattr(config, "image_size") and hasattr(config, "num_channels") else "text"
@@ -142,14 +142,14 @@ def _build(config: Any, kind: str, hub_id: str, *, pretrained: bool, name: str) 
             return auto.from_config(config)
         except Exception as exc:
             raise EQError(
-                f"--eq-model {name}: transformers cannot build a {'image' if kind == 'image' else 'sequence'} "
+                f"{name}: transformers cannot build a {'image' if kind == 'image' else 'sequence'} "
                 f"classifier from this config ({type(exc).__name__}: {exc})"
             ) from exc
     try:
         return auto.from_pretrained(hub_id, config=config)
     except Exception as exc:
         raise EQError(
-            f"--eq-model {name}: from_pretrained({hub_id!r}) failed ({type(exc).__name__}: {exc}); it needs "
+            f"{name}: from_pretrained({hub_id!r}) failed ({type(exc).__name__}: {exc}); it needs "
             "internet or the weights in the local cache. Without them, use --eq-weights none (seeded init) "
             "or a state-dict file"
         ) from exc

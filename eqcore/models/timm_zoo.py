@@ -69,7 +69,7 @@ def timm_model(name: str, weights: str, *, seed: int) -> tuple[torch.nn.Module, 
         close = difflib.get_close_matches(model_name, _names(), n=5, cutoff=0.6)
         suggestion = f" Did you mean {', '.join(PREFIX + c for c in close)}?" if close else ""
         raise EQError(
-            f"unknown timm model {model_name!r} (from --eq-model {name}).{suggestion} List them with "
+            f"unknown timm model {model_name!r}.{suggestion} List timm's models with "
             "python -c \"import timm; print(timm.list_models('*vit*'))\""
         )
     pretrained = weights.upper() == "DEFAULT"
