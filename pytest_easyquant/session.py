@@ -164,6 +164,13 @@ class EQSession:
             calib_batches=request.calib_batches,
             device=request.device,
             backend=plan.prepared.backend,
+            libraries=tuple(
+                name for name, used in (
+                    ("torchao", plan.prepared.backend == "pt2e"),
+                    ("timm", request.model.startswith("timm:")),
+                    ("transformers", request.model.startswith("hf:")),
+                ) if used
+            ),
         )
 
     def update_command(self) -> str:

@@ -101,17 +101,19 @@ class BaselineMetadata:
     pytest_easyquant: str
     schema_version: int = SCHEMA_VERSION
     backend: str = "fx"  # the preparation backend taken; baselines from before PT2E were all FX
+    libraries: dict[str, str] = field(default_factory=dict, hash=False)  # torchao, timm, transformers where used
 
     @classmethod
     def current(
         cls, *, model: str, weights: str, recipe: dict[str, Any], data: str, seed: int, calib_batches: int, device: str,
-        backend: str = "fx",
+        backend: str = "fx", libraries: tuple[str, ...] = (),
     ) -> BaselineMetadata:
         """This run's metadata, with the installed library versions ("unknown" if absent)."""
         versions = {name: _version(name) for name in _VERSIONED}
         return cls(
             model=model, weights=weights, recipe=dict(recipe), data=data, seed=seed,
-            calib_batches=calib_batches, device=device, backend=backend, **versions,
+            calib_batches=calib_batches, device=device, backend=backend,
+            libraries={name: _version(name) for name in libraries}, **versions,
         )
 
     def to_dict(self) -> dict[str, Any]:
@@ -123,13 +125,15 @@ class BaselineMetadata:
         if not isinstance(data, Mapping):
             raise ValueError(f"metadata is a {type(data).__name__}, not an object")
         names = [f.name for f in fields(cls)]
-        missing = [n for n in names if n not in data and n not in ("schema_version", "backend")]
+        missing = [n for n in names if n not in data and n not in ("schema_version", "backend", "libraries")]
         if missing:
             raise ValueError(f"metadata lacks {', '.join(missing)}")
         if not isinstance(data["recipe"], Mapping):
             raise ValueError("metadata recipe is not an object")
         values = {n: data[n] for n in names if n in data}
         values["recipe"] = dict(values["recipe"])
+        if "libraries" in values:
+            values["libraries"] = dict(values["libraries"])
         return cls(**values)
 
     def differences(self, other: BaselineMetadata) -> list[str]:
@@ -146,8 +150,12 @@ class BaselineMetadata:
                         f"{key}: baseline {_short(flat_mine.get(key, '(absent)'))}, "
                         f"now {_short(flat_theirs.get(key, '(absent)'))}"
                     )
+        for name in sorted(set(self.libraries) | set(other.libraries)):
+            before, after = self.libraries.get(name, "(absent)"), other.libraries.get(name, "(absent)")
+            if before != after:
+                lines.append(f"{name}: baseline {_short(before)}, now {_short(after)}")
         for f in fields(self):
-            if f.name == "recipe":
+            if f.name in ("recipe", "libraries"):
                 continue
             before, after = getattr(self, f.name), getattr(other, f.name)
             if before != after:
