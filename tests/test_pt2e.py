@@ -3,6 +3,8 @@ quantizer, and every downstream stage on the result, checked against the FX back
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -17,6 +19,7 @@ from eqcore.analysis.metrics import sqnr
 from eqcore.analysis.sa_hooks import add_sensitivity_analysis_hooks
 from eqcore.analysis.sa_run import run_sensitivity_analysis
 from eqcore.errors import EQError
+from eqcore.plots.api import plot_quant_act_SA_hist, plot_quant_weight_hist
 from eqcore.prepare.calibrate import calibrate
 from eqcore.prepare.cle_pairs import find_cle_pairs
 from eqcore.prepare.quantize import prepare
@@ -131,7 +134,7 @@ def test_pt2e_folds_bn_and_names_everything_after_the_module_paths() -> None:
     assert model.conv1.weight is not prepared.model.conv1.weight  # the input model is untouched
 
 
-def test_pt2e_model_runs_every_downstream_stage() -> None:
+def test_pt2e_model_runs_every_downstream_stage(tmp_path) -> None:
     model = _model()
     prepared = prepare(model, "w8a8", _example(), backend="pt2e")
     quant = prepared.model
@@ -153,6 +156,16 @@ def test_pt2e_model_runs_every_downstream_stage() -> None:
     assert set(sa.weights) == {"conv1", "conv2", "fc"}
     assert set(sa.activations) == {name for name, _ in activation_quantizers(quant)}
     assert not sa.errors and all(a.hist.sum() > 0 for a in sa.activations.values())
+    # the seeds' plot functions, as the tutorials call them
+    forward, backward = add_sensitivity_analysis_hooks(quant, bit_res=8)
+    quant(x.requires_grad_(True)).mean().backward()
+    act_files = plot_quant_act_SA_hist(forward, backward, file_path=tmp_path / "act", plot_title="SA", workers=1)
+    weight_files = plot_quant_weight_hist(quant, file_path=tmp_path / "w", plot_title="W", sensitivity_analysis=True,
+                                          workers=1)
+    forward.remove_hooks()
+    backward.remove_hooks()
+    assert len(act_files) == len(activation_quantizers(quant)) and len(weight_files) == 3
+    assert all(Path(f).read_bytes().startswith(b"\x89PNG") for f in [*act_files, *weight_files])
 
 
 @pytest.fixture(scope="module")

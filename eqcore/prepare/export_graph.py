@@ -10,7 +10,11 @@ at the original module path (the weight's own name), holding the very same tenso
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import io
+import logging
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -49,6 +53,32 @@ def _dynamic_batch(example_inputs: tuple[Any, ...]) -> tuple[tuple[Any, ...], tu
     return tuple(inputs), tuple(shapes)
 
 
+_EXPORT_LOGGERS = ("torch.fx.experimental.symbolic_shapes", "torch._dynamo", "torch.export", "torch._export")
+
+
+@contextlib.contextmanager
+def _quiet() -> Iterator[None]:
+    """torch.export prints the partial graph and logs warnings when it fails; the EQError says it
+    in one line instead."""
+    loggers = [logging.getLogger(name) for name in _EXPORT_LOGGERS]
+    levels = [logger.level for logger in loggers]
+    for logger in loggers:
+        logger.setLevel(logging.ERROR)
+    try:
+        with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+            yield
+    finally:
+        for logger, level in zip(loggers, levels):
+            logger.setLevel(level)
+
+
+def failure_reason(exc: BaseException, limit: int = 160) -> str:
+    """The first line of an exception, with its type, shortened for a one-line message."""
+    text = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+    reason = f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+    return reason if len(reason) <= limit else reason[: limit - 3] + "..."
+
+
 def export_model(model: nn.Module, example_inputs: tuple[Any, ...]) -> fx.GraphModule:
     """``torch.export.export(...).module()`` of a copy of ``model`` (eval mode, dynamic batch).
 
@@ -57,11 +87,11 @@ def export_model(model: nn.Module, example_inputs: tuple[Any, ...]) -> fx.GraphM
     model = copy.deepcopy(model).eval()
     inputs, shapes = _dynamic_batch(tuple(example_inputs))
     try:
-        exported = torch.export.export(model, inputs, dynamic_shapes=shapes)
+        with _quiet():
+            exported = torch.export.export(model, inputs, dynamic_shapes=shapes)
     except Exception as exc:  # export raises many types; all mean the same to the user
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
         raise EQError(
-            f"{type(model).__name__} cannot be captured with torch.export ({type(exc).__name__}: {first}); "
+            f"{type(model).__name__} cannot be captured with torch.export ({failure_reason(exc)}); "
             "make its forward free of data-dependent Python control flow (see torch.export's "
             "troubleshooting guide), or register a traceable factory for it"
         ) from exc

@@ -68,17 +68,19 @@ def _capture(
 
     if backend == "pt2e":
         return "pt2e", pt2e.capture(model, example_inputs), "backend pt2e was asked for"
+    from eqcore.prepare.export_graph import failure_reason
+
     try:
         return "fx", fx_backend.trace(model), f"auto: {name} traces with torch.fx"
     except EQError as fx_error:
-        reason = str(fx_error.__cause__ or fx_error).strip().splitlines()[0]
+        reason = failure_reason(fx_error.__cause__ or fx_error)
     try:
         captured = pt2e.capture(model, example_inputs)
     except EQError as export_error:
         raise EQError(
             f"{name} can be captured neither by torch.fx ({reason}) nor by torch.export "
-            f"({export_error}); make its forward traceable, e.g. move data-dependent Python control "
-            "flow out of forward"
+            f"({failure_reason(export_error.__cause__ or export_error)}); make its forward traceable: "
+            "move data-dependent Python control flow out of forward (torch.cond for branches on values)"
         ) from export_error
     return "pt2e", captured, f"auto: {name} does not trace with torch.fx ({reason}), so torch.export + PT2E"
 
