@@ -21,7 +21,6 @@ from eqcore.analysis.sa_run import run_sensitivity_analysis
 from eqcore.errors import EQError
 from eqcore.plots.api import plot_quant_act_SA_hist, plot_quant_weight_hist
 from eqcore.prepare.calibrate import calibrate
-from eqcore.prepare.cle_pairs import find_cle_pairs
 from eqcore.prepare.quantize import prepare
 from eqcore.quant.modules import EQFakeQuantize, EQLearnableFakeQuantize
 from eqcore.quant.pt2e_modules import PT2EFakeQuantize, PT2ELearnableFakeQuantize, pt2e_variant

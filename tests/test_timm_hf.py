@@ -148,3 +148,18 @@ def test_bert_tiny_goes_through_pt2e_with_readable_names() -> None:
     calibrate(prepared.model, loaders.calib)
     sa = run_sensitivity_analysis(prepared.model, loaders.eval, bit_res=None)
     assert f"{layer}.attention.self.query" in sa.weights and not sa.errors
+
+
+@pytest.mark.parametrize("name", ["hf:bert-tiny", "timm:test_vit"])
+def test_pretrained_weights_without_internet_fail_at_once(name: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """No internet here or in CI; the name lookup is made to fail so the test does not depend on it."""
+    import socket
+
+    def offline(*_: object, **__: object) -> None:
+        raise socket.gaierror(-2, "Name or service not known")
+
+    monkeypatch.setattr(socket, "getaddrinfo", offline)
+    monkeypatch.setenv("HF_HUB_CACHE", "/nonexistent-eq-cache")
+    with pytest.raises(EQError, match=f"{name} with --eq-weights DEFAULT needs the Hugging Face hub, and "
+                                      "huggingface.co cannot be reached .*use --eq-weights none"):
+        get_model(name, weights="DEFAULT")

@@ -14,6 +14,7 @@ the logits of its ``ModelOutput``: token ids (attention mask = ids != pad id) or
 from __future__ import annotations
 
 import json
+import socket
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -26,7 +27,7 @@ from eqcore.models.specs import imagenet_categories, imagenet_spec
 from eqcore.models.tokens import TokenSpec
 from eqcore.models.weights import _is_weights_path, load_weights_file
 
-__all__ = ["BUILTIN_CONFIGS", "PREFIX", "ImageLogits", "TextLogits", "hf_model"]
+__all__ = ["BUILTIN_CONFIGS", "PREFIX", "ImageLogits", "TextLogits", "hf_model", "require_hub"]
 
 PREFIX = "hf:"
 TEXT_SEQ_LEN = 32
@@ -79,6 +80,21 @@ class ImageLogits(nn.Module):
 
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
         return self.model(pixel_values=pixel_values).logits
+
+
+HUB_HOST = "huggingface.co"
+
+
+def require_hub(what: str) -> None:
+    """EQError at once when the Hugging Face hub's name does not resolve (no internet), instead
+    of huggingface_hub's minutes of retries."""
+    try:
+        socket.getaddrinfo(HUB_HOST, 443)
+    except OSError as exc:
+        raise EQError(
+            f"{what} needs the Hugging Face hub, and {HUB_HOST} cannot be reached ({exc}); without internet "
+            "use --eq-weights none (seeded init) or a local state-dict file"
+        ) from exc
 
 
 def _transformers() -> Any:
@@ -145,6 +161,10 @@ def _build(config: Any, kind: str, hub_id: str, *, pretrained: bool, name: str) 
                 f"{name}: transformers cannot build a {'image' if kind == 'image' else 'sequence'} "
                 f"classifier from this config ({type(exc).__name__}: {exc})"
             ) from exc
+    try:
+        return auto.from_pretrained(hub_id, config=config, local_files_only=True)
+    except Exception:  # not in the local cache: download
+        require_hub(f"{name} with --eq-weights DEFAULT")
     try:
         return auto.from_pretrained(hub_id, config=config)
     except Exception as exc:

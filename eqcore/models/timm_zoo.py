@@ -81,6 +81,12 @@ def timm_model(name: str, weights: str, *, seed: int) -> tuple[torch.nn.Module, 
     from eqcore._torchao import quiet_imports
 
     timm = _timm()
+    if pretrained:
+        from eqcore.models.hf_zoo import require_hub
+
+        config = getattr(timm.models, "get_pretrained_cfg", lambda _: None)(model_name)
+        if config is None or getattr(config, "hf_hub_id", None):
+            require_hub(f"{name} with --eq-weights DEFAULT")
     try:
         with quiet_imports(), torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
