@@ -176,6 +176,7 @@ def pt2e_resnet() -> nn.Module:
     return prepared
 
 
+@pytest.mark.slow
 def test_sa_counts_and_gradients_add_up_on_a_pt2e_resnet(pt2e_resnet: nn.Module) -> None:
     forward, backward = add_sensitivity_analysis_hooks(pt2e_resnet)
     names = list(forward.hook_handles)
