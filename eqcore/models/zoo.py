@@ -148,6 +148,8 @@ def _prefixed_model(name: str, weights: str, *, seed: int) -> ZooModel | None:
     else:
         return None
     model, spec, canonical = build(name, weights, seed=seed)
+    if canonical == "none":  # seeded init, not loaded weights: make its outputs carry signal
+        seed_informative(model, spec.example_inputs(SEEDING_BATCH, seed=seed), seed=seed)
     return ZooModel(model=model, name=name, weights=canonical, spec=spec)
 
 
