@@ -25,6 +25,7 @@ import torch
 from torch import fx, nn
 
 from eqcore._torchao import QuantizationAnnotation, QuantizationSpec, Quantizer
+from eqcore.errors import EQError
 from eqcore.quant.pt2e_modules import pt2e_variant
 from eqcore.quant.recipes import QuantizerSpec, Recipe
 
@@ -119,6 +120,7 @@ class EQQuantizer(Quantizer):
         super().__init__()
         self.recipe = recipe
         self.activation = _spec(recipe.activation)
+        self._layers: set[str] = set()  # the module paths of the layers annotated
 
     def _is_quantized(self, node: fx.Node) -> bool:
         """True when ``node``'s value is already on a quantization grid."""
@@ -129,31 +131,36 @@ class EQQuantizer(Quantizer):
         annotation = node.meta.get(ANNOTATION_KEY)
         return annotation is not None and annotation.output_qspec is not None
 
-    def _quantize_input(self, consumer: fx.Node, value: Any) -> None:
+    def _quantize_input(self, consumer: fx.Node, value: Any, spec: QuantizationSpec | None = None) -> None:
+        spec = spec or self.activation
         if not _is_float_tensor(value) or self._is_quantized(value):
             return
         while value.op == "call_function" and value.target in IDENTITIES and _is_float_tensor(value.args[0]):
             value = value.args[0]  # quantize (and name) the tensor itself, not its eval-mode copy
         if value.op in ("placeholder", "call_function"):
-            _annotation(value).output_qspec = self.activation
+            _annotation(value).output_qspec = spec
         else:
-            _annotation(consumer).input_qspec_map[value] = self.activation
+            _annotation(consumer).input_qspec_map[value] = spec
 
-    def _quantize_output(self, node: fx.Node) -> None:
+    def _quantize_output(self, node: fx.Node, spec: QuantizationSpec | None = None) -> None:
         users = list(node.users)
         if len(users) == 1 and users[0].op == "call_function" and users[0].target in FUSED_ACTIVATIONS:
             node = users[0]
         if _is_float_tensor(node):
-            _annotation(node).output_qspec = self.activation
+            _annotation(node).output_qspec = spec or self.activation
 
     def _annotate_layer(self, node: fx.Node) -> None:
         weight = weight_node(node)
         if weight is None or WEIGHTED_OPS[node.target] not in self.recipe.layer_types:
             return
-        self._quantize_input(node, node.args[0])
+        layer = str(weight.target).removesuffix(".weight")  # the layer's module path
+        self._layers.add(layer)
+        recipe = self.recipe.for_layer(layer)  # a MixedRecipe's high layers get its high recipe
+        activation = self.activation if recipe is self.recipe else _spec(recipe.activation)
+        self._quantize_input(node, node.args[0], activation)
         channels = int(weight.meta["val"].shape[0]) if "val" in weight.meta else None
-        _annotation(node).input_qspec_map[weight] = _spec(self.recipe.weight, channels)
-        self._quantize_output(node)
+        _annotation(node).input_qspec_map[weight] = _spec(recipe.weight, channels)
+        self._quantize_output(node, activation)
 
     def _annotate_requantizing(self, node: fx.Node, inputs: list[Any]) -> None:
         tensors = [value for value in inputs if _is_float_tensor(value)]
@@ -164,6 +171,7 @@ class EQQuantizer(Quantizer):
         self._quantize_output(node)
 
     def annotate(self, model: fx.GraphModule) -> fx.GraphModule:
+        self._layers = set()
         for node in model.graph.nodes:
             if node.op != "call_function":
                 continue
@@ -173,6 +181,12 @@ class EQQuantizer(Quantizer):
                 self._annotate_requantizing(node, list(node.args[: REQUANTIZING_OPS[node.target]]))
             elif node.target in CONCAT_OPS and node.args and isinstance(node.args[0], (list, tuple)):
                 self._annotate_requantizing(node, list(node.args[0]))
+        unknown = [name for name in getattr(self.recipe, "high_layers", ()) if name not in self._layers]
+        if unknown:
+            raise EQError(
+                f"mixed recipe {self.recipe.name!r}: {unknown} are not quantizable layers of the exported "
+                f"model; its layers are {sorted(self._layers)[:12]}"
+            )
         return model
 
     def validate(self, model: fx.GraphModule) -> None:
