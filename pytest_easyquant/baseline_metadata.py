@@ -76,7 +76,7 @@ def _environment() -> dict[str, str]:
     }
 
 
-_OPTIONAL = ("schema_version", "platform", "python", "freetype", "backend")
+_OPTIONAL = ("schema_version", "platform", "python", "freetype", "backend", "libraries")
 
 
 @dataclass(frozen=True)
@@ -100,7 +100,9 @@ class BaselineMetadata:
     platform: str | None = None
     python: str | None = None
     freetype: str | None = None
-    backend: str | None = None
+    backend: str | None = None  # the preparation backend taken ("fx" or "pt2e")
+    # Versions of the optional libraries a run used (torchao for PT2E, timm, transformers); {} when none.
+    libraries: dict[str, str] = field(default_factory=dict, hash=False)
 
     @classmethod
     def current(
@@ -114,13 +116,16 @@ class BaselineMetadata:
         calib_batches: int,
         device: str,
         backend: str | None = None,
+        libraries: tuple[str, ...] = (),
     ) -> BaselineMetadata:
         """This run's metadata, with the installed library versions ("unknown" if absent), the
-        platform, Python, matplotlib's FreeType (text rendering differs between its versions)."""
+        platform, Python, matplotlib's FreeType (text rendering differs between its versions), and
+        the versions of the optional ``libraries`` the run used (torchao, timm, transformers)."""
         versions = {name: _version(name) for name in _VERSIONED}
         return cls(
             model=model, weights=weights, recipe=dict(recipe), data=data, seed=seed,
             calib_batches=calib_batches, device=device, **versions, **_environment(), backend=backend,
+            libraries={name: _version(name) for name in libraries},
         )
 
     def to_dict(self) -> dict[str, Any]:
@@ -139,6 +144,10 @@ class BaselineMetadata:
             raise ValueError("metadata recipe is not an object")
         values = {n: data[n] for n in names if n in data}
         values["recipe"] = dict(values["recipe"])
+        if "libraries" in values:
+            if not isinstance(values["libraries"], Mapping):
+                raise ValueError("metadata libraries is not an object")
+            values["libraries"] = dict(values["libraries"])
         return cls(**values)
 
     def differences(self, other: BaselineMetadata) -> list[str]:
@@ -155,8 +164,12 @@ class BaselineMetadata:
                         f"{key}: baseline {_short(flat_mine.get(key, '(absent)'))}, "
                         f"now {_short(flat_theirs.get(key, '(absent)'))}"
                     )
+        for name in sorted(set(self.libraries) | set(other.libraries)):
+            before, after = self.libraries.get(name, "(absent)"), other.libraries.get(name, "(absent)")
+            if before != after:
+                lines.append(f"{name}: baseline {_short(before)}, now {_short(after)}")
         for f in fields(self):
-            if f.name == "recipe":
+            if f.name in ("recipe", "libraries"):
                 continue
             before, after = getattr(self, f.name), getattr(other, f.name)
             if before is None and f.name in _OPTIONAL:

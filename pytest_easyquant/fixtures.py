@@ -42,6 +42,7 @@ def eq_request(request: pytest.FixtureRequest) -> Any:
     session = _session(request.config)
     model_marker = request.node.get_closest_marker("eq_model")
     recipe_marker = request.node.get_closest_marker("eq_recipe")
+    backend_marker = request.node.get_closest_marker("eq_backend")
     overrides: dict[str, Any] = {}
     if model_marker is not None:
         if not model_marker.args:
@@ -57,6 +58,13 @@ def eq_request(request: pytest.FixtureRequest) -> Any:
         )
     if recipe_marker is not None:
         overrides["recipe"] = str(recipe_marker.args[0])
+    if backend_marker is not None:
+        from pytest_easyquant.options import BACKENDS
+
+        backend = str(backend_marker.args[0]) if backend_marker.args else ""
+        if backend not in BACKENDS:
+            pytest.fail(f"@pytest.mark.eq_backend expects one of {', '.join(BACKENDS)}, got {backend!r}", pytrace=False)
+        overrides["backend"] = backend
     return session.request_for(model, **overrides)
 
 

@@ -37,16 +37,19 @@ class Option:
 
 OPTIONS: tuple[Option, ...] = (
     Option("model", "add a generated regression suite for this model (repeatable): a torchvision "
-           "classification model name, 'digits', or 'package.module:callable'", [], "list", "NAME"),
+           "classification model name, 'digits', 'timm:<name>', 'hf:<bert-tiny|vit-tiny|config.json>', "
+           "or 'package.module:callable'", [], "list", "NAME"),
     Option("weights", "model weights: 'none' (seeded init), 'DEFAULT', a torchvision weights enum name, "
            "or a local state-dict file", "none", metavar="WEIGHTS"),
-    Option("data", "data: 'samples' (built-in images), 'digits', or an ImageFolder directory; "
-           "default: the model's own", None, metavar="DATA"),
+    Option("data", "data: 'samples' (built-in images), 'digits', 'tokens' (token ids for text models), "
+           "an ImageFolder directory, or registered data; default: the model's own", None, metavar="DATA"),
     Option("recipe", "quantization recipe (w8a8, w8a8-pertensor, w4a8, w4a4, w8a8-mse, or a registered one)",
            "w8a8", metavar="RECIPE"),
     Option("baseline_recipe", "compare against the baselines recorded for this recipe instead of "
            "--eq-recipe's own (e.g. to see what moves from w8a8 to w4a4)", None, metavar="RECIPE"),
     Option("cle", "apply cross-layer equalization before quantizing", False, "bool"),
+    Option("backend", "preparation backend: 'fx' (torch.fx + torch.ao), 'pt2e' (torch.export + torchao), "
+           "or 'auto' (FX when the model traces, else PT2E)", "auto", metavar="BACKEND"),
     Option("device", "device to run on: cpu, cuda or cuda:N", "cpu", metavar="DEVICE"),
     Option("seed", "seed for model init, calibration crops and sampling", 0, "int", "N"),
     Option("calib_batches", "calibration batches", 4, "int", "N"),
@@ -136,6 +139,7 @@ class EQConfig:
     recipe: str
     baseline_recipe: str | None
     cle: bool
+    backend: str
     device: str
     seed: int
     calib_batches: int
@@ -188,6 +192,15 @@ def check_device(device: str, where: str) -> str:
     raise pytest.UsageError(f"{where} expects cpu, cuda or cuda:N, got {device!r}")
 
 
+BACKENDS = ("auto", "fx", "pt2e")
+
+
+def check_backend(backend: str, where: str) -> str:
+    if backend not in BACKENDS:
+        raise pytest.UsageError(f"{where} expects one of {', '.join(BACKENDS)}, got {backend!r}")
+    return backend
+
+
 def resolve(config: pytest.Config) -> EQConfig:
     """Read every option (CLI > ini > default) and validate it."""
     values: dict[str, Any] = {}
@@ -209,6 +222,7 @@ def resolve(config: pytest.Config) -> EQConfig:
         recipe=values["recipe"],
         baseline_recipe=values["baseline_recipe"],
         cle=values["cle"],
+        backend=check_backend(values["backend"], source["backend"]),
         device=check_device(values["device"], source["device"]),
         seed=values["seed"],
         calib_batches=values["calib_batches"],

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from eqcore.models.loaders import Loaders, get_loaders, without_labels
+from eqcore.models.loaders import Loaders, without_labels
 from eqcore.errors import EQError
 from eqcore.analysis.hooks import activation_quantizers
 from eqcore.analysis.sa_run import SAResult, run_sensitivity_analysis
@@ -50,6 +50,7 @@ class RunRequest:
     batch_size: int
     sa_batches: int
     mixed_precision: str | None = None
+    backend: str = "auto"
 
 
 @dataclass
@@ -98,7 +99,7 @@ def plan(request: RunRequest, registry: Registry) -> Plan:
     torch.manual_seed(request.seed)
     zoo = registry.make_model(request.model, request.weights, seed=request.seed)
     recipe = registry.recipe(request.recipe)
-    loaders = get_loaders(
+    loaders = registry.loaders(
         request.data or zoo.default_data,
         zoo.spec,
         batch_size=request.batch_size,
@@ -118,7 +119,7 @@ def plan(request: RunRequest, registry: Registry) -> Plan:
             f"{loaders.max_label}; fidelity is checked, accuracy is not"
         )
         loaders = without_labels(loaders)
-    prepared = prepare(zoo.model, recipe, example, cle=request.cle)
+    prepared = prepare(zoo.model, recipe, example, cle=request.cle, backend=request.backend)
     prepared.model.to(device)
     mixed = resolve_mixed_recipes(request.mixed_precision, registry)
     return Plan(

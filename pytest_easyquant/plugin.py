@@ -32,6 +32,7 @@ MARKERS = (
     "easyquant: a check of a generated pytest-easyquant suite",
     "eq_model(name, weights=None, data=None): run this test's easyquant fixtures on this model",
     "eq_recipe(name): quantize this test's model with this recipe",
+    "eq_backend(name): prepare this test's model with this backend (auto, fx or pt2e)",
     "eq_tolerance(*rules, metric='*', atol=0, rtol=0): tolerance for this test's baseline checks, "
     "as '<metric-glob> atol=<x> rtol=<y>' strings or keywords",
 )
@@ -80,6 +81,11 @@ def pytest_collection_finish(session: pytest.Session) -> None:
     selected = [item for item in session.items if isinstance(item, EQCheckItem)]
     eq_session.selected_dirs = {eq_session.baseline_dir(item.parent.eq_request) for item in selected}
     eq_session.selective = len(selected) < eq_session.generated_count
+
+
+def pytest_report_collectionfinish(config: pytest.Config) -> list[str]:
+    """Which backend prepared each generated suite, and why (``--eq-backend auto`` decides)."""
+    return [f"{suite}: {note}" for suite, note in sorted(get_session(config).backend_notes.items())]
 
 
 def pytest_sessionfinish(session: pytest.Session) -> None:

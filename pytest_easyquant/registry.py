@@ -4,6 +4,7 @@
     def pytest_easyquant_register(registry):
         registry.add_model("tinynet", build_tinynet)          # callable(seed) -> nn.Module | ZooModel
         registry.add_recipe(my_recipe)                        # an eqcore.quant.recipes.Recipe
+        registry.add_data("my-texts", load_my_texts)          # callable(spec) -> (calib, eval)
 
 Then ``pytest --eq-model tinynet --eq-recipe my-recipe`` runs the generated suite on them.
 """
@@ -25,6 +26,7 @@ class Registry:
     models: dict[str, Callable[..., Any]] = field(default_factory=dict)
     specs: dict[str, Any] = field(default_factory=dict)
     recipes: dict[str, Any] = field(default_factory=dict)
+    data: dict[str, Callable[..., Any]] = field(default_factory=dict)
 
     def add_model(self, name: str, factory: Callable[..., Any], *, spec: Any = None) -> None:
         """Register ``factory`` (called with ``seed=`` if it accepts it) under ``name``.
@@ -44,6 +46,33 @@ class Registry:
         if not isinstance(recipe, Recipe):
             raise TypeError(f"registry.add_recipe needs an eqcore.quant.recipes.Recipe, got {type(recipe).__name__}")
         self.recipes[recipe.name] = recipe
+
+    def add_data(self, name: str, factory: Callable[..., Any]) -> None:
+        """Register data ``name`` (for ``--eq-data name``), e.g. your own tokenized text.
+
+        ``factory(spec)`` (or ``factory()``) returns ``(calib, eval)``: each a tensor of model
+        inputs (token ids padded with ``spec.pad_id`` for ``hf:`` text models) or an
+        ``(inputs, labels)`` pair of tensors.
+        """
+        if not callable(factory):
+            raise TypeError(f"registry.add_data({name!r}, ...): the factory must be callable")
+        self.data[name] = factory
+
+    def loaders(self, data: str, spec: Any, *, batch_size: int, calib_batches: int, seed: int, model_name: str) -> Any:
+        """Registered data by name, else eqcore's built-in data (``get_loaders``)."""
+        from eqcore.models.loaders import get_loaders, tensor_loaders
+
+        factory = self.data.get(data)
+        if factory is None:
+            return get_loaders(
+                data, spec, batch_size=batch_size, calib_batches=calib_batches, seed=seed, model_name=model_name
+            )
+        built = factory(spec) if inspect.signature(factory).parameters else factory()
+        if not isinstance(built, (tuple, list)) or len(built) != 2:
+            from eqcore.errors import EQError
+
+            raise EQError(f"registered data {data!r} must return (calib, eval), got {type(built).__name__}")
+        return tensor_loaders(data, built[0], built[1], batch_size=batch_size)
 
     def recipe(self, name: str) -> Any:
         from eqcore.quant.recipes import get_recipe

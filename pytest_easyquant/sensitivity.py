@@ -95,6 +95,7 @@ def suggest(run: Any) -> Any:
         device=run.request.device,
         report=run.sensitivity if low.name == plan.recipe.name else None,
         cle=run.request.cle,
+        backend=plan.backend,  # the backend that prepared this run's model
     )
 
 

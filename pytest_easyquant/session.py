@@ -82,6 +82,7 @@ class EQSession:
         self.pruned: list[str] = []
         self.workers_reported = 0
         self.json_path: Path | None = None
+        self.backend_notes: dict[str, str] = {}  # suite name -> which backend prepared it and why
 
     def request_for(self, model: str, **overrides: Any) -> Any:
         from pytest_easyquant.pipeline import RunRequest
@@ -91,6 +92,7 @@ class EQSession:
             model=model, weights=o.weights, data=o.data, recipe=o.recipe, cle=o.cle, device=o.device,
             seed=o.seed, calib_batches=o.calib_batches, batch_size=o.batch_size, sa_batches=o.sa_batches,
             mixed_precision=o.mixed_precision,
+            backend=o.backend,
         )
         values.update({k: v for k, v in overrides.items() if v is not None})
         return RunRequest(**values)
@@ -162,6 +164,29 @@ class EQSession:
             f"them, run with --eq-baseline-recipe {recipes[0]}"
         )
 
+    def recorded_backend_hint(self, request: Any) -> str:
+        """When this run's baselines were recorded with another backend (whose quantizer names
+        differ), which one, and how to compare against them."""
+        from pytest_easyquant.storage import read_json
+
+        recorded = None
+        for stored in ("metadata.json", "fidelity.json"):  # the latter exists in every suite
+            try:
+                # baselines from before the backend was recorded (None) were all FX
+                recorded = read_json(self.baseline_dir(request) / stored).metadata.backend or "fx"
+                break
+            except Exception:  # noqa: BLE001 - no readable metadata there
+                continue
+        if recorded is None:
+            return ""
+        now = self.plan(request).backend
+        if recorded == now:
+            return ""
+        return (
+            f"these baselines were recorded with backend {recorded}, but this run prepared the model with "
+            f"{now}: run with --eq-backend {recorded} to compare against them, or re-record them"
+        )
+
     def metadata(self, request: Any) -> BaselineMetadata:
         plan = self.plan(request)
         return BaselineMetadata.current(
@@ -173,6 +198,13 @@ class EQSession:
             calib_batches=request.calib_batches,
             device=request.device,
             backend=plan.backend,
+            libraries=tuple(
+                name for name, used in (
+                    ("torchao", plan.backend == "pt2e"),
+                    ("timm", request.model.startswith("timm:")),
+                    ("transformers", request.model.startswith("hf:")),
+                ) if used
+            ),
         )
 
     def run_info(self, suite: str, request: Any) -> RunInfo:

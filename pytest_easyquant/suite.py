@@ -139,7 +139,7 @@ class EQCheckItem(pytest.Item):
             directory=session.baseline_dir(request),
             metadata=lambda: session.metadata(request),
             suite=self.parent.name,
-            missing_hint=lambda: session.recorded_recipes_hint(request),
+            missing_hint=lambda: session.recorded_recipes_hint(request) or session.recorded_backend_hint(request),
             commands=FixCommands(
                 record=lambda: record_missing_command(self.config, session.options, request),
                 rerecord=lambda: rerecord_check_command(self.config, session.options, request, self.check.name),
@@ -309,6 +309,7 @@ def build_suites(session: EQSession, parent: pytest.Session) -> list[pytest.Item
         checks = plan_checks(plan, plots=not session.options.no_plots, sensitivity=not session.options.no_sensitivity)
         switched_off = [c for c in every_check(plan) if c not in checks]
         name = suite_name(request, session.config.rootpath)
+        session.backend_notes[name] = f"backend {plan.prepared.backend} ({plan.prepared.backend_note})"
         suite = EQSuite.from_parent(parent, name=name, nodeid=name, request=request, checks=checks)
         suite.ihook.pytest_collectstart(collector=suite)
         suite_items = suite.collect()

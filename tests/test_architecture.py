@@ -18,6 +18,7 @@ PACKAGES = ("eqcore", "pytest_easyquant")
 LAYERS = {
     "eqcore.errors": 0,
     "eqcore._torch_ao": 0,
+    "eqcore._torchao": 0,
     "eqcore.testing": 0,
     "eqcore.quant": 1,
     "eqcore.models": 2,

@@ -144,6 +144,8 @@ def test_untraceable_model_is_a_clear_error():
             return self.fc(x) if x.sum() > 0 else x
 
     with pytest.raises(EQError, match="not FX-traceable"):
+        prepare_model(Branchy(), "w8a8", (torch.randn(2, 3),), backend="fx")
+    with pytest.raises(EQError, match="Branchy can be captured neither by torch.fx .* nor by torch.export"):
         prepare_model(Branchy(), "w8a8", (torch.randn(2, 3),))
 
 

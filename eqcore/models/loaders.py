@@ -20,14 +20,16 @@ from eqcore.models.digits_data import _check_digits_spec, _normalized_tensor_dat
 from eqcore.models.image_folder import image_folder_loader, scan_image_folder
 from eqcore.models.samples import samples_loader
 from eqcore.models.specs import InputSpec, imagenet_categories
+from eqcore.models.tokens import TokenSpec, tokens_loader
 
 __all__ = [
     "Loaders",
     "get_loaders",
+    "tensor_loaders",
     "without_labels",
 ]
 
-BUILTIN_DATA: tuple[str, ...] = ("samples", "digits")
+BUILTIN_DATA: tuple[str, ...] = ("samples", "digits", "tokens")
 
 
 @dataclass(frozen=True)
@@ -81,7 +83,7 @@ def _dataset_labels(loader: DataLoader) -> list[int]:
 
 def get_loaders(
     data: str,
-    spec: InputSpec,
+    spec: InputSpec | TokenSpec,
     *,
     batch_size: int = 16,
     calib_batches: int = 4,
@@ -92,7 +94,8 @@ def get_loaders(
 
     - samples: calib = ``calib_batches * batch_size`` seeded augmented crops, eval = each photo once;
     - digits: calib = the first ``calib_batches * batch_size`` training digits, eval = the test split;
-    - directory: calib = a seeded subset of ``calib_batches * batch_size`` images, eval = all images.
+    - directory: calib = a seeded subset of ``calib_batches * batch_size`` images, eval = all images;
+    - tokens (text models): calib = ``calib_batches * batch_size`` seeded sentences, eval = 32 others.
 
     Raises EQError when the data cannot feed a model with ``spec`` (e.g. digits for resnet18).
     """
@@ -101,7 +104,18 @@ def get_loaders(
         raise EQError(f"calib_batches must be a positive integer, got {calib_batches}")
     n_calib = calib_batches * batch_size
     who = f"model {model_name!r}" if model_name else "the model"
-    if data == "digits":
+    if isinstance(spec, TokenSpec) != (data == "tokens"):
+        if data == "tokens":
+            raise EQError(f"the tokens data are token ids for text models, but {who} takes images; use --eq-data {spec.default_data}")
+        raise EQError(
+            f"{who} takes token ids, not images ({data!r}); use --eq-data tokens, or bring your own tokenized "
+            "data with registry.add_data in conftest.py"
+        )
+    if data == "tokens":
+        calib = tokens_loader(spec, split="calib", batch_size=batch_size, count=n_calib, seed=seed)
+        evaluation = tokens_loader(spec, split="eval", batch_size=batch_size)
+        name = "tokens"
+    elif data == "digits":
         _check_digits_spec(spec, model_name=model_name)
         split = digits_split()
         n = min(n_calib, len(split.y_train))
@@ -146,4 +160,36 @@ def get_loaders(
         num_calib=len(calib.dataset),  # type: ignore[arg-type]
         num_eval=len(eval_labels),
         max_label=max_label,
+    )
+
+
+def _tensor_dataset(value: object, what: str) -> torch.utils.data.TensorDataset:
+    if isinstance(value, torch.Tensor):
+        value = (value, torch.full((value.shape[0],), -1, dtype=torch.long))
+    if (
+        not isinstance(value, (tuple, list)) or len(value) != 2
+        or not all(isinstance(t, torch.Tensor) for t in value) or value[0].shape[0] != value[1].shape[0]
+        or value[0].shape[0] == 0
+    ):
+        raise EQError(
+            f"{what} must be a non-empty tensor of model inputs (e.g. token ids, padded) or an "
+            "(inputs, labels) pair of tensors with one label per input (-1: unlabeled)"
+        )
+    return torch.utils.data.TensorDataset(value[0], value[1].long())
+
+
+def tensor_loaders(name: str, calib: object, evaluation: object, *, batch_size: int = 16) -> Loaders:
+    """Loaders over a user's own tensors, e.g. tokenized text: ``calib`` and ``evaluation`` are
+    each a tensor of model inputs or an ``(inputs, labels)`` pair (labels -1 where unknown)."""
+    _check_batch_size(batch_size)
+    calib_set = _tensor_dataset(calib, f"data {name!r}: the calibration part")
+    eval_set = _tensor_dataset(evaluation, f"data {name!r}: the evaluation part")
+    return Loaders(
+        name=name,
+        calib=_loader(calib_set, batch_size),
+        eval=_loader(eval_set, batch_size),
+        has_labels=bool((eval_set.tensors[1] >= 0).any()),
+        num_calib=len(calib_set),
+        num_eval=len(eval_set),
+        max_label=int(eval_set.tensors[1].max()),
     )

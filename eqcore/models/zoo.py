@@ -1,4 +1,5 @@
-"""Models by name: every torchvision classification model, the built-in ``digits`` model, or a
+"""Models by name: every torchvision classification model, the built-in ``digits`` model,
+``timm:<name>`` (`eqcore.models.timm_zoo`), ``hf:<config>`` (`eqcore.models.hf_zoo`), or a
 user's ``package.module:callable`` factory, each with the input spec its data must follow.
 
 Weights (``weights=`` / ``--eq-weights``):
@@ -107,7 +108,8 @@ def _unknown_model(name: str) -> EQError:
     suggestion = f" Did you mean {', '.join(close)}?" if close else ""
     return EQError(
         f"unknown model {name!r}.{suggestion} Models are torchvision classification names, 'digits', "
-        "or 'package.module:callable'; list them with "
+        "'timm:<name>', 'hf:<bert-tiny | vit-tiny | path/to/config.json>' or 'package.module:callable'; "
+        "list the torchvision ones with "
         "python -c \"import eqcore; print(eqcore.available_models())\""
     )
 
@@ -121,7 +123,10 @@ def get_model(name: str, weights: str | Path = "none", *, seed: int = 0) -> ZooM
     weights_text = str(weights).strip()
     if not weights_text:
         raise EQError("weights must be 'none', 'DEFAULT', a torchvision weights enum name or a file path")
-    if ":" in name and not os.path.exists(name):
+    prefixed = _prefixed_model(name, weights_text, seed=seed)
+    if prefixed is not None:
+        zoo_model = prefixed
+    elif ":" in name and not os.path.exists(name):
         zoo_model = _from_factory(name, weights_text, seed=seed)
     elif name.strip().lower() == DIGITS:
         zoo_model = _digits(weights_text)
@@ -132,6 +137,20 @@ def get_model(name: str, weights: str | Path = "none", *, seed: int = 0) -> ZooM
         zoo_model = _torchvision(canonical, weights_text, seed=seed)
     zoo_model.model.eval()
     return zoo_model
+
+
+def _prefixed_model(name: str, weights: str, *, seed: int) -> ZooModel | None:
+    """``timm:<name>`` and ``hf:<config>`` models; None for any other name."""
+    if name.startswith("timm:"):
+        from eqcore.models.timm_zoo import timm_model as build
+    elif name.startswith("hf:"):
+        from eqcore.models.hf_zoo import hf_model as build
+    else:
+        return None
+    model, spec, canonical = build(name, weights, seed=seed)
+    if canonical == "none":  # seeded init, not loaded weights: make its outputs carry signal
+        seed_informative(model, spec.example_inputs(SEEDING_BATCH, seed=seed), seed=seed)
+    return ZooModel(model=model, name=name, weights=canonical, spec=spec)
 
 
 def _digits(weights: str) -> ZooModel:

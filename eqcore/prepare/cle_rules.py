@@ -121,6 +121,43 @@ _FUNCTION_RULES: dict[Callable[..., object], _OpRule] = {
     torch.reshape: _RESHAPE,
 }
 
+# The same rules for the aten ops of a torch.export graph (the PT2E backend captures with it).
+_aten = torch.ops.aten
+_FUNCTION_RULES.update({
+    _aten.relu.default: _HOMOGENEOUS,
+    _aten.relu_.default: _HOMOGENEOUS,
+    _aten.leaky_relu.default: _HOMOGENEOUS,
+    _aten.leaky_relu_.default: _HOMOGENEOUS,
+    _aten.dropout.default: _HOMOGENEOUS,  # only with train=False, checked in _rule_for
+    _aten.flatten.using_ints: _FLATTEN,
+    _aten.hardtanh.default: _CLIPS,
+    _aten.hardtanh_.default: _CLIPS,
+    **dict.fromkeys(
+        (_aten.sigmoid.default, _aten.tanh.default, _aten.gelu.default, _aten.silu.default, _aten.silu_.default,
+         _aten.mish.default, _aten.hardswish.default, _aten.hardswish_.default, _aten.hardsigmoid.default,
+         _aten.elu.default, _aten.softplus.default),
+        _NOT_HOMOGENEOUS,
+    ),
+    _aten.add.Tensor: _RESIDUAL,
+    _aten.add_.Tensor: _RESIDUAL,
+    _aten.sub.Tensor: _SCALES,
+    _aten.mul.Tensor: _SCALES,
+    _aten.div.Tensor: _SCALES,
+    _aten.cat.default: _CONCAT,
+    _aten.stack.default: _CONCAT,
+    **dict.fromkeys(
+        (_aten.max_pool1d.default, _aten.max_pool2d.default, _aten.max_pool3d.default, _aten.avg_pool1d.default,
+         _aten.avg_pool2d.default, _aten.avg_pool3d.default, _aten.adaptive_avg_pool1d.default,
+         _aten.adaptive_avg_pool2d.default, _aten.adaptive_avg_pool3d.default, _aten.mean.dim),
+        _POOLING,
+    ),
+    _aten.batch_norm.default: _UNFOLDED_BN,
+    **dict.fromkeys(
+        (_aten.reshape.default, _aten.view.default, _aten.permute.default, _aten.transpose.int),
+        _RESHAPE,
+    ),
+})
+
 _METHOD_RULES: dict[str, _OpRule] = {
     "relu": _HOMOGENEOUS,
     "relu_": _HOMOGENEOUS,
@@ -232,8 +269,9 @@ def _rule_for(traced: fx.GraphModule, node: fx.Node) -> tuple[str, _OpRule]:
             what = f"{what} (padding={module.padding})"
     elif node.op == "call_function":
         rule = _FUNCTION_RULES.get(node.target, _NOT_LISTED)
-        if node.target is F.dropout:
-            training = node.kwargs.get("training", node.args[2] if len(node.args) > 2 else True)
+        if node.target is F.dropout or node.target is _aten.dropout.default:
+            key = "training" if node.target is F.dropout else "train"
+            training = node.kwargs.get(key, node.args[2] if len(node.args) > 2 else True)
             if training is not False:
                 return what, _OpRule("break", "may be in training mode (random)")
     elif node.op == "call_method":
