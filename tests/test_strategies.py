@@ -32,7 +32,7 @@ from pytest_easyquant.strategies import (
 ALL_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 DOC = Path(__file__).resolve().parents[1] / "docs" / "property-testing.md"
 # Finding an example is the point; shrinking it to the smallest one would only cost time.
-FIND = settings(database=None, max_examples=300, phases=(Phase.generate,), derandomize=True)  # the same examples every run
+FIND = settings(database=None, max_examples=300, phases=(Phase.generate,))
 
 
 def channel_view(t: torch.Tensor, ndim: int, ch_axis: int | None) -> torch.Tensor:
@@ -379,7 +379,8 @@ def test_per_tensor_cases_have_one_scale(case: FakeQuantCase) -> None:
 
 def test_per_channel_cases_use_negative_axes_and_every_dimension() -> None:
     for axis in (-1, -3, 0, 2):
-        case = find(fake_quant_cases(per_channel=True), lambda c, a=axis: c.ch_axis == a, settings=FIND)
+        # ch_axis == -3 needs a 3-d or larger tensor and a negative axis: rare enough to want more draws.
+        case = find(fake_quant_cases(per_channel=True), lambda c, a=axis: c.ch_axis == a, settings=settings(FIND, max_examples=3000))
         assert case.x.dim() >= abs(axis)
 
 
