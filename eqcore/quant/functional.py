@@ -27,6 +27,8 @@ from typing import Any
 
 import torch
 
+from eqcore.quant.fused import EPS, FusedFakeQuantizeFn, FusedLearnableFakeQuantizeFn
+from eqcore.quant.fused import qparams as _qparams
 from eqcore.quant.kernels import (
     _backward,
     _backward_from_factor,
@@ -35,8 +37,8 @@ from eqcore.quant.kernels import (
     _host_zero_point,
     _keeps_factor,
 )
+from eqcore.quant.pool import compiling
 
-EPS = torch.finfo(torch.float32).eps
 MAX_BITS = 16
 
 
@@ -69,27 +71,6 @@ def grad_scaling_factor(numel: int, quant_max: int) -> float:
     """LSQ's gradient scale 1/sqrt(numel * qmax), as torch's modules compute it (numel >= 1)."""
     return 1.0 / math.sqrt(max(numel, 1) * max(quant_max, 1))
 
-
-def _compute_dtype(x: torch.Tensor) -> torch.dtype:
-    return torch.float64 if x.dtype == torch.float64 else torch.float32
-
-
-def _channel_view(t: torch.Tensor, ndim: int, axis: int | None) -> torch.Tensor:
-    if axis is None:
-        return t.reshape(())
-    shape = [1] * ndim
-    shape[axis] = -1
-    return t.reshape(shape)
-
-
-def _qparams(
-    x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, qmin: int, qmax: int, axis: int | None
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Scale clamped to eps and the rounded, clamped zero point, shaped to broadcast over x."""
-    dtype = _compute_dtype(x)
-    s = scale.detach().to(dtype=dtype).clamp_min(EPS)
-    z = torch.round(zero_point.detach().to(dtype=dtype)).clamp_(qmin, qmax)
-    return _channel_view(s, x.dim(), axis), _channel_view(z, x.dim(), axis)
 
 def observe_backward(output: torch.Tensor, observer: Any) -> bool:
     """Let ``observer`` see the backward of the eqcore fake quantization that made ``output``.
@@ -260,6 +241,8 @@ def learnable_fake_quantize(
     ``ch_axis=None`` quantizes per tensor (one scale); otherwise per channel along ``ch_axis``.
     """
     axis = _check_call(x, scale, zero_point, quant_min, quant_max, ch_axis)
+    if compiling():
+        return FusedLearnableFakeQuantizeFn.apply(x, scale, zero_point, quant_min, quant_max, axis, float(grad_factor))
     return _LearnableFakeQuantizeFn.apply(
         x, scale, zero_point, quant_min, quant_max, axis, float(grad_factor), torch.is_grad_enabled()
     )
@@ -281,7 +264,16 @@ def fake_quantize(
     if not isinstance(zero_point, torch.Tensor):
         zero_point = torch.tensor([float(zero_point)], device=x.device)
     axis = _check_call(x, scale, zero_point, quant_min, quant_max, ch_axis)
-    return _FakeQuantizeFn.apply(x, scale, zero_point, quant_min, quant_max, axis)
+    return apply_fake_quantize(x, scale, zero_point, quant_min, quant_max, axis)
+
+
+def apply_fake_quantize(
+    x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, quant_min: int, quant_max: int, axis: int | None
+) -> torch.Tensor:
+    """``fake_quantize`` on checked arguments (``axis`` in [0, x.dim())): the chunked kernels
+    eagerly, their whole-tensor formulation (``eqcore.quant.fused``) under torch.compile."""
+    function = FusedFakeQuantizeFn if compiling() else _FakeQuantizeFn
+    return function.apply(x, scale, zero_point, quant_min, quant_max, axis)
 
 
 def _check_scale_value(scale: float) -> None:

@@ -17,7 +17,7 @@ from eqcore._torch_ao import FakeQuantizeBase, tq
 from eqcore.quant.functional import (
     EPS,
     _check_scale_value,
-    _FakeQuantizeFn,
+    apply_fake_quantize,
     check_quant_range,
     grad_scaling_factor,
     learnable_fake_quantize,
@@ -273,7 +273,7 @@ class EQFakeQuantize(_FlagsMixin, FakeQuantizeBase):
             self.zero_point.copy_(zero_point)
         if not self._fake_quant_on:
             return x
-        return _FakeQuantizeFn.apply(
+        return apply_fake_quantize(
             x,
             self.scale,
             self.zero_point,
