@@ -179,7 +179,7 @@ def _fake_quant_cases(
     min_dims, max_dims, max_side, max_numel = shape_options
     per_channel = _either(draw, per_channel) and max_dims >= 1
     shape = draw(shapes(min_dims=max(min_dims, 1) if per_channel else min_dims, max_dims=max_dims, max_side=max_side, max_numel=max_numel))
-    ch_axis = draw(st.integers(-len(shape), len(shape) - 1)) if per_channel else 0
+    ch_axis = _channel_axis(draw, len(shape)) if per_channel else 0
     if quant_range is None:
         symmetric = options["symmetric"]
         quant_range = quant_ranges(min_bits=min_bits, max_bits=bits_for[dtype], signed=True if symmetric else signed)
@@ -207,3 +207,10 @@ def _fake_quant_cases(
         ch_axis=params.ch_axis,
         grad_factor=grad_factor,
     )
+
+
+def _channel_axis(draw: st.DrawFn, ndim: int) -> int:
+    """Any axis of an ``ndim``-d shape, negative half the time: the sign and the position are
+    drawn apart, so every negative axis (-ndim included) is as easy to reach as its positive one."""
+    axis = draw(st.integers(0, ndim - 1))
+    return axis - ndim if draw(st.booleans()) else axis
