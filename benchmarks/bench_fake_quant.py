@@ -7,13 +7,21 @@ input as the memory-bandwidth floor. The two cases the project's target is set o
 input, whose gradient accumulates into .grad; a third line takes the activation as a network's
 intermediate (not a leaf). Then the same for three small tensors, where the fixed
 per-call work (Python, autograd, about 0.3 ms for ours) outweighs the kernels.
-Run: python benchmarks/bench_fake_quant.py [--threads 2]
+
+Then the compiled lines (``--no-compiled`` skips them): the two target cases under
+``torch.compile`` (inductor), each a ratio against torch's eager step measured in the same run:
+ours eager and compiled, torch's and torchao's (pt2e ``LearnableFakeQuantize``) eager and
+compiled, and LSQ written as plain torch ops and compiled, the practical limit; plus each
+compiled quantizer's compile time (its first call).
+Run: python benchmarks/bench_fake_quant.py [--threads 2] [--no-compiled]
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
+import sys
 import time
 from collections.abc import Callable
 
@@ -21,6 +29,11 @@ import torch
 
 from eqcore._torch_ao import _LearnableFakeQuantize, tq
 from eqcore.quant.modules import EQLearnableFakeQuantize
+
+
+FIXED_MALLOC = {"MALLOC_MMAP_THRESHOLD_": str(32 << 20), "MALLOC_TRIM_THRESHOLD_": str(256 << 20)}
+"""glibc's malloc with fixed thresholds: blocks up to 32 MiB come from the heap, which is given
+back to the system only above 256 MiB free, so freed pages are reused without faults."""
 
 
 def median_ms(fn: Callable[[], object], repeats: int, warmup: int = 3) -> float:
@@ -83,14 +96,23 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=30)
+    parser.add_argument("--compiled", action=argparse.BooleanOptionalAction, default=True)
+    parser.add_argument("--malloc", choices=("default", "fixed"), default="default")
     args = parser.parse_args()
+    if args.malloc == "fixed" and not set(FIXED_MALLOC) <= set(os.environ):
+        os.execve(sys.executable, [sys.executable, *sys.argv], {**os.environ, **FIXED_MALLOC})
+    if args.compiled:
+        from compiled_lines import use_cold_inductor_cache
+
+        use_cold_inductor_cache()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     cases = {
         "activation 32x64x56x56, per-tensor affine uint8": ("act", torch.randn(32, 64, 56, 56) * 2 + 1),
         "weight 512x512x3x3, per-channel symmetric int8 (axis 0)": ("weight", torch.randn(512, 512, 3, 3) * 0.05),
     }
-    print(f"torch {torch.__version__}, torch.set_num_threads({args.threads}), median of {args.repeats}, CPU")
+    malloc = "glibc thresholds fixed" if set(FIXED_MALLOC) <= set(os.environ) else "default malloc"
+    print(f"torch {torch.__version__}, torch.set_num_threads({args.threads}), median of {args.repeats}, CPU, {malloc}")
     print(f"{'case':58s} {'clone ms':>9s} {'torch ms':>9s} {'ours ms':>9s} {'speedup':>8s} {'per-repeat':>10s}")
     for name, (case, data) in cases.items():
         report(name, case, data, args.repeats)
@@ -104,6 +126,11 @@ def main() -> None:
     }
     for name, (case, data) in small.items():
         report(name, case, data, args.repeats * 10)
+    if args.compiled:
+        from compiled_lines import report_compiled
+
+        for name, (case, data) in cases.items():
+            report_compiled(name, case, data, args.repeats, make_quantizer, forward_backward, interleaved_ms)
 
 
 def report(name: str, case: str, data: torch.Tensor, repeats: int, leaf: bool = True) -> None:

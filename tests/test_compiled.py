@@ -168,6 +168,13 @@ def test_modules_trace_without_a_graph_break(kind: str) -> None:
     explanation = torch._dynamo.explain(fq)(x.requires_grad_())
     assert explanation.graph_break_count == 0, explanation.break_reasons
     assert explanation.graph_count == 1
+    # The quantizer stays one autograd function in the graph, so its own backward runs (traced
+    # ops would differentiate round() as 0).
+    assert _autograd_functions(explanation.graphs[0]) == 1
+
+
+def _autograd_functions(graph: torch.fx.GraphModule) -> int:
+    return sum(type(node.target).__name__ == "AutogradFunctionApply" for node in graph.graph.nodes)
 
 
 class _SmallNet(nn.Module):
@@ -230,3 +237,41 @@ def test_compiled_module_output_is_bit_identical(symmetric: bool) -> None:
     eager = fq(x.clone().requires_grad_())
     compiled = torch.compile(fq, fullgraph=True)(x.clone().requires_grad_())
     assert torch.equal(_bits(eager.detach()), _bits(compiled.detach()))
+
+
+def test_compiled_module_writes_no_parameter_but_uses_the_same_values() -> None:
+    """Eagerly, forward clamps the scale to eps and zeroes a symmetric zero point in place; a
+    compiled forward leaves the parameters as they are and quantizes with the same values."""
+    x = torch.randn(4, 6) * 1e-6
+    eager_fq = _weight_quantizer(4)
+    eager_fq.scale.data = torch.tensor([1e-9, 2e-8, 1e-7, 1e-3])
+    eager_fq.zero_point.data = torch.tensor([3.0, -1.0, 0.0, 2.0])  # a symmetric scheme ignores these
+    eager_fq.enable_param_learning()
+    compiled_fq = copy.deepcopy(eager_fq)
+    before = compiled_fq.scale.detach().clone(), compiled_fq.zero_point.detach().clone()
+    compiled = torch.compile(compiled_fq, fullgraph=True)(x)
+    eager = eager_fq(x)
+    assert torch.equal(_bits(compiled.detach()), _bits(eager.detach()))
+    assert torch.equal(compiled_fq.scale.detach(), before[0]) and torch.equal(compiled_fq.zero_point.detach(), before[1])
+    assert bool((eager_fq.scale >= torch.finfo(torch.float32).eps).all()) and not eager_fq.zero_point.any()
+
+
+@pytest.mark.parametrize("backend", ["fx", "pt2e"])
+def test_prepared_model_traces_without_a_graph_break_in_qat(backend: str) -> None:
+    """What users compile: a model prepared by either backend, calibrated, then learning its qparams."""
+    from eqcore.models.zoo import get_model
+    from eqcore.prepare.calibrate import calibrate
+    from eqcore.prepare.quantize import prepare
+    from eqcore.quant.toggles import enable_param_learning
+
+    zoo = get_model("digits")
+    prepared = prepare(zoo.model, "w8a8", zoo.example_inputs(), backend=backend)
+    data = torch.randn(16, 1, 8, 8)
+    calibrate(prepared.model, [data])
+    model = prepared.model.train()
+    model.apply(enable_param_learning)
+    assert len(prepared.quantizers) > 10
+    explanation = torch._dynamo.explain(model)(data)
+    assert explanation.graph_break_count == 0, explanation.break_reasons
+    assert explanation.graph_count == 1
+    assert _autograd_functions(explanation.graphs[0]) == len(prepared.quantizers)

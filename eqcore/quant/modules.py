@@ -23,6 +23,7 @@ from eqcore.quant.functional import (
     learnable_fake_quantize,
     normalize_axis,
 )
+from eqcore.quant.pool import compiling
 
 
 def _is_symmetric(qscheme: torch.qscheme) -> bool:
@@ -191,21 +192,26 @@ class EQLearnableFakeQuantize(_FlagsMixin, FakeQuantizeBase):
                     f"channel_len={self.channel_len} does not match the input's {x.shape[axis]} "
                     f"channels on axis {self.ch_axis} (input shape {tuple(x.shape)})"
                 )
+        # Eagerly, forward keeps the parameters in range as torch's module does (scale >= eps, a
+        # symmetric zero point 0). A compiled forward writes no parameter: in-place writes make
+        # extra graph outputs and copies, and keep CUDA graphs off; it uses the same values.
+        compiled = compiling()
         if self._observer_on:
             self._observe(x)
-        else:
+        elif not compiled:
             self.scale.data.clamp_(min=EPS)
         if not self._fake_quant_on:
             return x
-        if _is_symmetric(self.qscheme):
+        symmetric = _is_symmetric(self.qscheme)
+        if symmetric and not compiled:
             self.zero_point.data.zero_()
         grad_factor = grad_scaling_factor(x.numel(), self.quant_max) if self.use_grad_scaling else 1.0
         # Symmetric schemes pin z = 0: its gradient is 0 (an optimizer cannot move it), but it
         # gets one, like torch's module (the seeds assert every parameter has a .grad). Adding
         # 0 * z (exactly 0) to the scale links it to the graph at the cost of one tiny op.
         scale, zero_point = self.scale, self.zero_point
-        if _is_symmetric(self.qscheme):
-            zero_point = self.zero_point.detach()
+        if symmetric:
+            zero_point = torch.zeros_like(self.zero_point) if compiled else self.zero_point.detach()
             if self.zero_point.requires_grad and torch.is_grad_enabled():
                 scale = torch.add(self.scale, self.zero_point, alpha=0)
         return learnable_fake_quantize(
