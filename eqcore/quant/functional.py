@@ -17,7 +17,9 @@ in float64 (torch rounds the float64 product scale*q to float32; we do not).
 
 ``learnable_fake_quantize`` and ``fake_quantize`` check their arguments and apply the autograd
 functions, whose forward and backward run the chunked kernels of ``eqcore.quant.kernels``;
-``observe_backward`` lets an observer (the SA hooks) see a backward's chunks.
+``observe_backward`` lets an observer (the SA hooks) see a backward's chunks. Under
+torch.compile they apply the whole-tensor functions of ``eqcore.quant.fused`` instead (same
+numerics), which inductor fuses.
 """
 
 from __future__ import annotations
