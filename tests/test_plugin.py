@@ -32,7 +32,7 @@ import matplotlib.testing.compare  # noqa: F401
 import pytest_easyquant.pipeline  # noqa: F401
 import pytest_easyquant.plotting  # noqa: F401
 import pytest_easyquant.reporting  # noqa: F401
-from plugin_models import Tiny, make_image_folder
+from plugin_models import NaNNet, Tiny, make_image_folder
 from pytest_easyquant.errors import BaselineError
 from pytest_easyquant.image_compare import compare_image
 from pytest_easyquant.storage import read_json, read_npz, read_png
@@ -487,6 +487,35 @@ def test_nan_activations_name_the_module(project: pytest.Pytester) -> None:
     assert_no_internal_traceback(result)
     # Nothing half-computed was written.
     assert not (project.path / "baselines").exists()
+
+
+def test_only_a_failed_calibration_looks_for_nan(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A calibration that succeeds runs no NaN check (two ops per quantizer call); a failed one
+    runs the batches again to name the first quantizer whose input holds NaN."""
+    from eqcore.errors import EQError
+    from eqcore.prepare.quantize import fake_quant_modules, prepare
+    from pytest_easyquant.pipeline import _calibrate
+
+    batches = [torch.randn(4, 3, 16, 16, generator=torch.Generator().manual_seed(i)) for i in range(2)]
+    checks = []
+    isfinite = torch.isfinite
+    monkeypatch.setattr(torch, "isfinite", lambda x: checks.append(x.shape) or isfinite(x))
+    torch.manual_seed(0)
+    prepared = prepare(Tiny(), "w8a8", (batches[0],), backend="fx")
+    _calibrate(prepared.model, batches, torch.device("cpu"))
+    assert checks == []
+    assert not any(m._observer_buffer().item() for m in fake_quant_modules(prepared.model).values())
+
+    broken = prepare(NaNNet(), "w8a8", (batches[0],), backend="fx").model
+    with pytest.raises(EQError, match=r"^activation_post_process_3 produced \d+ NaN and 0 inf values during "
+                                      r"calibration, and its observer failed on them \(") as info:
+        _calibrate(broken, batches, torch.device("cpu"))
+    nans = int(re.search(r"produced (\d+) NaN", str(info.value)).group(1))
+    assert 0 < nans < batches[0].numel()
+    assert checks  # only now
+    quantizers = fake_quant_modules(broken)
+    assert not any(m._forward_pre_hooks for m in quantizers.values())  # the search leaves no hook behind
+    assert all(m._observer_buffer().item() for m in quantizers.values())  # as the failed calibration left them
 
 
 def test_nan_activations_with_a_nan_tolerant_observer_fail_the_histogram_check(project: pytest.Pytester) -> None:

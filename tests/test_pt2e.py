@@ -21,6 +21,7 @@ from eqcore.analysis.sa_run import run_sensitivity_analysis
 from eqcore.errors import EQError
 from eqcore.plots.api import plot_quant_act_SA_hist, plot_quant_weight_hist
 from eqcore.prepare.calibrate import calibrate
+from eqcore.prepare.pt2e_rules import GRID_PRESERVING
 from eqcore.prepare.quantize import prepare
 from eqcore.quant.modules import EQFakeQuantize, EQLearnableFakeQuantize
 from eqcore.quant.pt2e_modules import PT2EFakeQuantize, PT2ELearnableFakeQuantize, pt2e_variant
@@ -282,3 +283,57 @@ def test_per_tensor_recipe_and_cle_on_an_exported_graph() -> None:
     x = _example()[0]
     with torch.no_grad():
         torch.testing.assert_close(prepared.float_model(x), model(x), rtol=1e-4, atol=1e-5)
+
+
+class PreNorm(nn.Module):
+    """Two pre-norm residual blocks, h = h + fc(norm(h)), as in a transformer, then a token head."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = nn.Linear(8, 16)
+        self.norm1, self.fc1 = nn.LayerNorm(16), nn.Linear(16, 16)
+        self.norm2, self.fc2 = nn.LayerNorm(16), nn.Linear(16, 16)
+        self.head = nn.Linear(16, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.embed(x)
+        h = h + self.fc1(self.norm1(h))
+        h = h + self.fc2(self.norm2(h))
+        return self.head(h[:, 0])
+
+
+def test_residual_adds_read_their_producers_quantizers_and_each_tensor_is_quantized_once() -> None:
+    """A residual add's inputs are already quantized (the stream by the previous add or the
+    embedding, the branch by its layer's output quantizer): PT2E gives them no second quantizer,
+    and the stream's one quantizer feeds both the LayerNorm and the add. The only tensors PT2E
+    quantizes and FX does not are the residual stream after each add (FX keeps it in float)."""
+    torch.manual_seed(0)
+    x = torch.randn(2, 5, 8)
+    prepared = prepare(PreNorm().eval(), "w8a8", (x,), backend="pt2e")
+    gm = prepared.model
+    assert set(prepared.quantizers) == {
+        "input_quant", "embed.weight_fake_quant", "embed.output_quant",
+        "norm1.layer_norm_quant", "fc1.weight_fake_quant", "fc1.output_quant", "add_quant",
+        "norm2.layer_norm_quant", "fc2.weight_fake_quant", "fc2.output_quant", "add_quant_1",
+        "head.weight_fake_quant", "head.output_quant",
+    }
+    calls = [n for n in gm.graph.nodes if n.op == "call_module" and n.target in prepared.quantizers]
+    by_name = {n.target: n for n in calls}
+    assert len(calls) == len(by_name) == 9  # every activation quantizer is called once
+    adds = [n for n in gm.graph.nodes if n.op == "call_function" and n.target is torch.ops.aten.add.Tensor]
+    assert [[a.target for a in add.args] for add in adds] == [
+        ["embed.output_quant", "fc1.output_quant"], ["add_quant", "fc2.output_quant"]
+    ]
+    for stream in ("embed.output_quant", "add_quant"):  # one quantizer, shared by both consumers
+        users = {u.target for u in by_name[stream].users}
+        assert len(users) == 2 and torch.ops.aten.add.Tensor in users, users
+    # No quantizer re-quantizes another's output, even through ops that keep values on their grid.
+    for node in calls:
+        source = node.args[0]
+        while source.op == "call_function" and source.target in GRID_PRESERVING:
+            source = source.args[0]
+        assert source not in calls, (node.target, source.target)
+    # FX quantizes the same tensors except the stream between the adds, which it keeps in float
+    # (its quantizer of the last add's output is the head's input quantizer).
+    fx_model = prepare(PreNorm().eval(), "w8a8", (x,), backend="fx")
+    assert len(prepared.quantizers) == len(fx_model.quantizers) + 1

@@ -10,7 +10,12 @@ import torch
 from torch import nn
 
 from eqcore.analysis.degenerate import degenerate_output
-from eqcore.models.seeding import seed_batchnorm_statistics, seed_degenerate_heads, seed_informative
+from eqcore.models.seeding import (
+    seed_batchnorm_statistics,
+    seed_degenerate_heads,
+    seed_informative,
+    seed_variance_preserving,
+)
 from eqcore.models.zoo import available_models, get_model
 
 # Built and run in about a second on one loaded core: one or more of most families. The rest is slow.
@@ -101,6 +106,46 @@ def test_seed_informative_reports_what_it_changed() -> None:
     assert changes.heads == ("head",) and changes.batchnorms == ("bn",)
     plain = nn.Sequential(nn.Flatten(), nn.Linear(12, 2))
     assert seed_informative(plain, (torch.randn(2, 3, 2, 2),), seed=0).batchnorms == ()
+
+
+class Encoder(nn.Module):
+    """Linear layers at transformers' fixed-std init (0.02), a LayerNorm and an embedding."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(10, 64)
+        self.norm = nn.LayerNorm(64)
+        self.up, self.down = nn.Linear(64, 256), nn.Linear(256, 64, bias=False)
+        for module in (self.embed, self.up, self.down):
+            nn.init.normal_(module.weight, std=0.02)
+        nn.init.constant_(self.up.bias, 0.1)
+
+
+def test_variance_preserving_linears_keep_their_input_scale_and_nothing_else_changes() -> None:
+    torch.manual_seed(0)
+    model = Encoder()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    rng = torch.get_rng_state()
+    assert seed_variance_preserving(model, seed=3) == ["up", "down"]
+    assert torch.equal(torch.get_rng_state(), rng)
+    for layer in (model.up, model.down):
+        fan_in = layer.weight.shape[1]
+        assert layer.weight.std().item() * math.sqrt(fan_in) == pytest.approx(1.0, abs=0.05)
+    after = model.state_dict()
+    for key in ("embed.weight", "norm.weight", "norm.bias", "up.bias"):
+        assert torch.equal(after[key], before[key]), key
+    # A unit-scale input keeps its scale through a layer (it shrank to 0.16 at std 0.02).
+    x = torch.randn(512, 64, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        assert (model.up(x) - model.up.bias).std().item() == pytest.approx(1.0, abs=0.05)
+    # Deterministic per seed, different across seeds.
+    again, other = Encoder(), Encoder()
+    seed_variance_preserving(again, seed=3)
+    seed_variance_preserving(other, seed=4)
+    assert torch.equal(again.up.weight, model.up.weight) and not torch.equal(other.up.weight, model.up.weight)
+    assert seed_informative(Encoder(), (torch.zeros(2, 3, dtype=torch.long),), seed=0).rescaled == ()
+    changes = seed_informative(Encoder(), (torch.zeros(2, 3, dtype=torch.long),), seed=0, variance_preserving=True)
+    assert changes.rescaled == ("up", "down") and changes.heads == ()
 
 
 def test_weights_from_a_file_are_not_reseeded(tmp_path) -> None:

@@ -2,7 +2,7 @@
 
 A seeded (untrained) model is only a useful regression target when its logits vary with the
 input. Two things in torchvision's own initialisation break that, and any model family built
-with ``weights="none"`` can apply the same two rules:
+with ``weights="none"`` can apply the same two rules (a third is for families that ask for it):
 
 - **Zero layers** (:func:`seed_degenerate_heads`): a conv or linear layer whose weight is all zero
   (vit_b_16's ``heads.head``) outputs its bias whatever the input. Each such layer gets torch's
@@ -17,7 +17,15 @@ with ``weights="none"`` can apply the same two rules:
   seeded noise inputs (only BatchNorm in train mode, nothing else changes), as training would
   have set them from data. Affine weights and biases stay as initialised.
 
-:func:`seed_informative` applies both, heads first. Everything is deterministic for a given
+- **Under-scaled linear layers** (:func:`seed_variance_preserving`, asked for by a family):
+  transformers initialises every linear layer with a fixed std (``initializer_range``, 0.02),
+  which at small widths shrinks each projection's output: at hidden size 128 a layer keeps 0.23
+  of its input's scale, so an attention branch (value, then output projection) adds about 0.05
+  of the residual and a token barely sees the others. hf:bert-tiny's [CLS] logits then varied
+  by 4e-4 across sentences at 0.03. These layers get ``N(0, 1/fan_in)`` (each keeps its input's
+  scale), from a generator seeded with ``seed`` and the layer's name; biases are kept.
+
+:func:`seed_informative` applies them, heads first. Everything is deterministic for a given
 seed and example input.
 """
 
@@ -37,6 +45,7 @@ __all__ = [
     "seed_batchnorm_statistics",
     "seed_degenerate_heads",
     "seed_informative",
+    "seed_variance_preserving",
 ]
 
 _WEIGHTED = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
@@ -48,6 +57,12 @@ class SeededChanges:
 
     heads: tuple[str, ...]
     batchnorms: tuple[str, ...]
+    rescaled: tuple[str, ...] = ()
+
+
+def _generator(seed: int, name: str) -> torch.Generator:
+    """A generator for one layer: the same for a seed and name, whatever the global RNG or other layers."""
+    return torch.Generator().manual_seed(seed * 1_000_003 + zlib.crc32(name.encode()))
 
 
 def seed_degenerate_heads(model: nn.Module, seed: int) -> list[str]:
@@ -63,8 +78,29 @@ def seed_degenerate_heads(model: nn.Module, seed: int) -> list[str]:
             continue
         fan_in = weight[0].numel()
         bound = 1.0 / math.sqrt(fan_in) if fan_in else 0.0
-        generator = torch.Generator().manual_seed(seed * 1_000_003 + zlib.crc32(name.encode()))
-        values = torch.rand(weight.shape, generator=generator, dtype=torch.float64) * (2 * bound) - bound
+        values = torch.rand(weight.shape, generator=_generator(seed, name), dtype=torch.float64) * (2 * bound) - bound
+        with torch.no_grad():
+            weight.copy_(values.to(weight.dtype))
+        changed.append(name)
+    return changed
+
+
+def seed_variance_preserving(model: nn.Module, seed: int) -> list[str]:
+    """Re-initialise every linear layer's weight to ``N(0, 1/fan_in)``; return their names.
+
+    Each layer then keeps its input's scale, so residual branches are as large as the stream they
+    add to. Drawn in float64 from a generator seeded by ``seed`` and the layer's name; biases and
+    every other parameter are left as they are.
+    """
+    changed = []
+    for name, module in model.named_modules():
+        weight = getattr(module, "weight", None)
+        if not isinstance(module, nn.Linear) or not isinstance(weight, torch.Tensor) or weight.dim() != 2:
+            continue
+        fan_in = weight.shape[1]
+        if fan_in == 0:
+            continue
+        values = torch.randn(weight.shape, generator=_generator(seed, name), dtype=torch.float64) / math.sqrt(fan_in)
         with torch.no_grad():
             weight.copy_(values.to(weight.dtype))
         changed.append(name)
@@ -99,8 +135,12 @@ def seed_batchnorm_statistics(model: nn.Module, example_inputs: Sequence[torch.T
     return [name for name, _ in batchnorms]
 
 
-def seed_informative(model: nn.Module, example_inputs: Sequence[torch.Tensor], *, seed: int) -> SeededChanges:
-    """Both rules of this module on a seeded model: zero heads first, then BatchNorm statistics."""
+def seed_informative(
+    model: nn.Module, example_inputs: Sequence[torch.Tensor], *, seed: int, variance_preserving: bool = False
+) -> SeededChanges:
+    """This module's rules on a seeded model: with ``variance_preserving``, every linear layer at
+    ``N(0, 1/fan_in)`` first; then zero heads, then BatchNorm statistics."""
+    rescaled = seed_variance_preserving(model, seed) if variance_preserving else []
     heads = seed_degenerate_heads(model, seed)
     batchnorms = seed_batchnorm_statistics(model, example_inputs)
-    return SeededChanges(heads=tuple(heads), batchnorms=tuple(batchnorms))
+    return SeededChanges(heads=tuple(heads), batchnorms=tuple(batchnorms), rescaled=tuple(rescaled))

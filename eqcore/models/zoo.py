@@ -149,7 +149,9 @@ def _prefixed_model(name: str, weights: str, *, seed: int) -> ZooModel | None:
         return None
     model, spec, canonical = build(name, weights, seed=seed)
     if canonical == "none":  # seeded init, not loaded weights: make its outputs carry signal
-        seed_informative(model, spec.example_inputs(SEEDING_BATCH, seed=seed), seed=seed)
+        # transformers' fixed-std init (0.02) shrinks every projection at small widths
+        seed_informative(model, spec.example_inputs(SEEDING_BATCH, seed=seed), seed=seed,
+                         variance_preserving=name.startswith("hf:"))
     return ZooModel(model=model, name=name, weights=canonical, spec=spec)
 
 
