@@ -17,25 +17,16 @@ import jsonschema
 import pytest
 
 from browser import chromium, probe, screenshot
-from plugin_models import make_image_folder
 from pytest_easyquant.report.charts import layer_chart
 from pytest_easyquant.report.json_summary import SCHEMA
 from pytest_easyquant.report.overview import layer_series
 from pytest_easyquant.report.records import MetricRecord
 from pytest_easyquant.storage import read_json
-from test_plugin import CONFTEST, PLUGIN_MODELS, TINY, TINY_DIR, assert_no_internal_traceback, edit_json, one_torch_thread, run, text  # noqa: F401
+from test_plugin import CONFTEST, PLUGIN_MODELS, TINY, TINY_DIR, assert_no_internal_traceback, edit_json, one_torch_thread, project, run, text  # noqa: F401
 
 pytest_plugins = ["pytester"]
 
 PLOT = "plots/act-sa-activation_post_process_1.png"
-
-
-@pytest.fixture
-def project(pytester: pytest.Pytester) -> pytest.Pytester:
-    shutil.copy(PLUGIN_MODELS, pytester.path / "plugin_models.py")
-    pytester.makeconftest(CONFTEST)
-    make_image_folder(pytester.path / "data")
-    return pytester
 
 
 def _files(directory: Path) -> set[Path]:

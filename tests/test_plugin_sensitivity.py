@@ -5,48 +5,23 @@ from __future__ import annotations
 
 import json
 import re
-import shutil
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-import torch
 
 import eqcore.plots.sensitivity  # noqa: F401 - imported once, not in every in-process session
 import pytest_easyquant.pipeline  # noqa: F401
 import pytest_easyquant.reporting  # noqa: F401
-from plugin_models import make_image_folder
 from pytest_easyquant.storage import read_json, read_png
+from test_plugin import one_torch_thread, project, text  # noqa: F401 - fixtures, shared
 
 pytest_plugins = ["pytester"]
 
 REPO_BASELINES = Path(__file__).resolve().parents[1] / "baselines"
-PLUGIN_MODELS = Path(__file__).with_name("plugin_models.py")
 TINY = ("--eq-model", "tiny", "--eq-data", "data", "-p", "no:cacheprovider")
 TINY_DIR = Path("baselines/tiny-none/w8a8")
 TINY_LAYERS = ["conv1", "conv2", "fc"]
 NUMBER = r"-?\d+\.\d+"
-
-
-@pytest.fixture(autouse=True)
-def one_torch_thread(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    monkeypatch.setenv("OMP_NUM_THREADS", "1")
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture
-def project(pytester: pytest.Pytester) -> pytest.Pytester:
-    shutil.copy(PLUGIN_MODELS, pytester.path / "plugin_models.py")
-    pytester.makeconftest("from plugin_models import pytest_easyquant_register  # noqa: F401\n")
-    make_image_folder(pytester.path / "data")
-    return pytester
-
-
-def text(result: pytest.RunResult) -> str:
-    return "\n".join(result.outlines + result.errlines)
 
 
 def summary_of(result: pytest.RunResult) -> str:

@@ -13,10 +13,11 @@ import textwrap
 from pathlib import Path
 
 import pytest
-import torch
 
 import pytest_easyquant.pipeline  # noqa: F401 - imported once, not in every in-process session
 import pytest_easyquant.reporting  # noqa: F401
+
+from test_plugin import one_torch_thread  # noqa: F401 - autouse fixture, shared
 
 pytest_plugins = ["pytester"]
 
@@ -55,15 +56,6 @@ MODELS = textwrap.dedent(
     """
 )
 QUICK = ("-p", "no:cacheprovider", "--eq-no-plots", "--eq-calib-batches", "1")
-
-
-@pytest.fixture(autouse=True)
-def one_torch_thread(monkeypatch: pytest.MonkeyPatch):
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    monkeypatch.setenv("OMP_NUM_THREADS", "1")
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture
