@@ -29,7 +29,14 @@ from typing import Any
 
 import torch
 
-from eqcore.quant.fused import EPS, FusedFakeQuantizeFn, FusedLearnableFakeQuantizeFn
+from eqcore.quant.fused import (
+    EPS,
+    FusedFakeQuantizeFn,
+    FusedLearnableFakeQuantizeFn,
+    Sum,
+    combine_grid_sums,
+    param_grad,
+)
 from eqcore.quant.fused import qparams as _qparams
 from eqcore.quant.kernels import (
     _backward,
@@ -142,25 +149,20 @@ class _LearnableFakeQuantizeFn(torch.autograd.Function):
         grad_inside, scale_sum, outside = result
         grad_scale = grad_zero_point = None
         if need_s:
-            grad_scale = _param_grad(scale_sum * g, *ctx.param_meta[0])
+            grad_scale = param_grad(scale_sum * g, *ctx.param_meta[0])
         if need_z:
             scale64 = s.item() if isinstance(outside, float) else s.reshape(-1).double()
-            grad_zero_point = _param_grad(outside * scale64 * -g, *ctx.param_meta[1])
+            grad_zero_point = param_grad(outside * scale64 * -g, *ctx.param_meta[1])
         grad_x = grad_inside.to(grad_dtype) if need_x else None
         return grad_x, grad_scale, grad_zero_point, None, None, None, None, None
-
-
-Sum = torch.Tensor | float
-"""A float64 sum per channel, or a Python float (a float64 too) for one channel on the host."""
 
 
 def _recomputed_sums(
     grad_x: torch.Tensor, sums: torch.Tensor | None, z: torch.Tensor, qmin: int, qmax: int, z_host: float | None
 ) -> tuple[torch.Tensor, Sum | None, Sum | None]:
-    """dX, sum(dY * factor of dS) and the sum of dY outside the grid, from _backward's sums.
+    """dX, sum(dY * factor of dS) and the sum of dY outside the grid, from _backward's sums
+    (``combine_grid_sums``).
 
-    The factor is round(u) - u inside, qmin - z below and qmax - z above the grid. The outside sum
-    adds rounding * 0: 0, or NaN in a channel that held a NaN input, so that dZ carries it too.
     One channel on the host takes the same float64 operations on Python floats: a dozen tensor
     calls fewer, which is most of a small tensor's backward.
     """
@@ -170,14 +172,7 @@ def _recomputed_sums(
         (below, rounding, above), zp = sums.reshape(-1).tolist(), z_host
     else:
         (below, rounding, above), zp = sums, z.reshape(-1).double()
-    return grad_x, below * (qmin - zp) + above * (qmax - zp) - rounding, below + above + rounding * 0
-
-
-def _param_grad(value: Sum, shape: torch.Size, dtype: torch.dtype) -> torch.Tensor:
-    """A float64 gradient (tensor or Python float) as the parameter's shape and dtype."""
-    if isinstance(value, float):
-        value = torch.tensor(value, dtype=torch.float64)
-    return value.reshape(shape).to(dtype)
+    return grad_x, *combine_grid_sums(below, rounding, above, zp, qmin, qmax)
 
 
 class _FakeQuantizeFn(torch.autograd.Function):

@@ -70,6 +70,28 @@ def fake_quantize_values(x: torch.Tensor, s: torch.Tensor, z: torch.Tensor, qmin
     return torch.where(level == 0, 0.0, level * s).to(x.dtype)
 
 
+Sum = torch.Tensor | float
+"""A float64 sum per channel, or a Python float (a float64 too) for one channel on the host."""
+
+
+def combine_grid_sums(below: Sum, rounding: Sum, above: Sum, zp: Sum, qmin: int, qmax: int) -> tuple[Sum, Sum]:
+    """sum(dY * factor of dS) and the sum of dY outside the grid, from the three grid sums.
+
+    ``below`` and ``above`` sum dY below and above the grid, ``rounding`` sums dY * (u - round(u))
+    inside it. The factor of dS is round(u) - u inside, qmin - z below and qmax - z above the grid.
+    The outside sum adds rounding * 0: 0, or NaN in a channel that held a NaN input, so that dZ
+    carries it too. Both backward paths (chunked and fused) finish with this.
+    """
+    return below * (qmin - zp) + above * (qmax - zp) - rounding, below + above + rounding * 0
+
+
+def param_grad(value: Sum, shape: torch.Size, dtype: torch.dtype) -> torch.Tensor:
+    """A float64 gradient (tensor or Python float) as the parameter's shape and dtype."""
+    if isinstance(value, float):
+        value = torch.tensor(value, dtype=torch.float64)
+    return value.reshape(shape).to(dtype)
+
+
 def _channel_sum(t: torch.Tensor, axis: int | None) -> torch.Tensor:
     """Sum over every dimension but ``axis`` (all of them per tensor), in float64."""
     dims = [d for d in range(t.dim()) if d != axis]
@@ -118,15 +140,12 @@ class FusedLearnableFakeQuantizeFn(torch.autograd.Function):
         sum_below = _channel_sum(torch.where(below, dy, zeros), axis)
         sum_above = _channel_sum(torch.where(above, dy, zeros), axis)
         rounding = _channel_sum(torch.where(below | above, zeros, dy * (u - rounded)), axis)
-        (scale_shape, scale_dtype), (zp_shape, zp_dtype) = ctx.param_meta
-        zp = z.reshape(-1).double()
+        scale_sum, outside = combine_grid_sums(sum_below, rounding, sum_above, z.reshape(-1).double(), qmin, qmax)
         grad_scale = grad_zero_point = None
         if need_s:
-            total = sum_below * (qmin - zp) + sum_above * (qmax - zp) - rounding
-            grad_scale = (total * g).reshape(scale_shape).to(scale_dtype)
+            grad_scale = param_grad(scale_sum * g, *ctx.param_meta[0])
         if need_z:
-            outside = sum_below + sum_above + rounding * 0  # rounding * 0 carries a channel's NaN
-            grad_zero_point = (outside * s.reshape(-1).double() * -g).reshape(zp_shape).to(zp_dtype)
+            grad_zero_point = param_grad(outside * s.reshape(-1).double() * -g, *ctx.param_meta[1])
         return grad_x, grad_scale, grad_zero_point, None, None, None, None
 
 
