@@ -66,23 +66,6 @@ def _torch_quantizer(ours: nn.Module) -> nn.Module:
     return fq
 
 
-def _torchao_quantizer(ours: nn.Module) -> nn.Module:
-    from eqcore._torchao import quiet_imports
-
-    with quiet_imports():
-        from torchao.quantization.pt2e import MinMaxObserver, PerChannelMinMaxObserver
-        from torchao.quantization.pt2e.learnable_fake_quantize import LearnableFakeQuantize
-    per_channel = ours.is_per_channel
-    fq = LearnableFakeQuantize(
-        PerChannelMinMaxObserver if per_channel else MinMaxObserver,
-        ours.quant_min, ours.quant_max, use_grad_scaling=ours.use_grad_scaling,
-        dtype=ours.dtype, qscheme=ours.qscheme, **({"ch_axis": ours.ch_axis} if per_channel else {}),
-    )
-    fq._initialize_or_update_qparams(ours.scale.detach().clone(), ours.zero_point.detach().clone())
-    fq.enable_range_learning()
-    return fq
-
-
 def _step(model: nn.Module, data: torch.Tensor, target: torch.Tensor) -> Callable[[], None]:
     forward = model
     optimizer = torch.optim.SGD(model.parameters(), lr=1e-4)
@@ -103,7 +86,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     warnings.filterwarnings("ignore")
     sys.path.insert(0, str(Path(__file__).resolve().parent))
-    from compiled_lines import use_cold_inductor_cache
+    from compiled_lines import torchao_like, use_cold_inductor_cache
 
     use_cold_inductor_cache()
     torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
@@ -121,7 +104,7 @@ def main() -> None:
     calibrate(prepared.model, [data])
     ours = prepared.model.train()
     ours.apply(enable_param_learning)
-    models = {"ours": ours, "torch": _swap_quantizers(ours, _torch_quantizer), "torchao": _swap_quantizers(ours, _torchao_quantizer)}
+    models = {"ours": ours, "torch": _swap_quantizers(ours, _torch_quantizer), "torchao": _swap_quantizers(ours, torchao_like)}
     steps: dict[str, Callable[[], None]] = {}
     compile_s: dict[str, float] = {}
     for label, model in models.items():

@@ -66,17 +66,15 @@ def _round_ste(t: torch.Tensor) -> torch.Tensor:
     return (torch.round(t) - t).detach() + t
 
 
-def _torchao_quantizer(case: str, data: torch.Tensor) -> nn.Module:
-    if case == "act":
-        fq = LearnableFakeQuantize(
-            MinMaxObserver, 0, 255, use_grad_scaling=True, dtype=torch.quint8, qscheme=torch.per_tensor_affine
-        )
-    else:
-        fq = LearnableFakeQuantize(
-            PerChannelMinMaxObserver, -128, 127, use_grad_scaling=True,
-            dtype=torch.qint8, qscheme=torch.per_channel_symmetric, ch_axis=0,
-        )
-    fq(data)  # the observer initialises scale and zero point
+def torchao_like(ours: EQLearnableFakeQuantize) -> nn.Module:
+    """torchao's pt2e ``LearnableFakeQuantize`` with the scheme and the qparams of ``ours``, learning them."""
+    per_channel = ours.is_per_channel
+    fq = LearnableFakeQuantize(
+        PerChannelMinMaxObserver if per_channel else MinMaxObserver,
+        ours.quant_min, ours.quant_max, use_grad_scaling=ours.use_grad_scaling,
+        dtype=ours.dtype, qscheme=ours.qscheme, **({"ch_axis": ours.ch_axis} if per_channel else {}),
+    )
+    fq._initialize_or_update_qparams(ours.scale.detach().clone(), ours.zero_point.detach().clone())
     fq.enable_range_learning()
     return fq
 
@@ -99,7 +97,7 @@ def report_compiled(
         fq(data)
         fq.enable_param_learning()
         quantizers[label] = fq
-    quantizers["torchao"] = _torchao_quantizer(case, data)
+    quantizers["torchao"] = torchao_like(quantizers["ours"])  # the same observer kind calibrated ours
     quantizers["plain-op LSQ"] = PlainLSQ(quantizers["ours"], None if case == "act" else 0)
     runs: dict[str, Callable[[], None]] = {}
     compile_s: dict[str, float] = {}
