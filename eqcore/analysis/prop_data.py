@@ -19,6 +19,7 @@ from PIL import Image
 from torch import nn
 
 from eqcore.analysis.evaluate import _output_tensor, _sample_image
+from eqcore.analysis.sa_run import _model_device
 from eqcore.errors import EQError
 from eqcore.models.specs import InputSpec, eval_transform, imagenet_spec
 from eqcore.models.zoo import ZooModel
@@ -55,14 +56,6 @@ def _image(image: str | Path | Image.Image | None) -> tuple[str, Image.Image]:
         raise EQError(f"forward_and_backprop_an_image: image file {str(path)!r} does not exist; pass "
                       "an existing image file, a PIL image, or None for the built-in photo")
     return _sample_image(image)
-
-
-def _model_device(model: nn.Module) -> torch.device:
-    for tensor in model.parameters():
-        return tensor.device
-    for tensor in model.buffers():
-        return tensor.device
-    return torch.device("cpu")
 
 
 def _logits(output: Any) -> torch.Tensor:

@@ -22,6 +22,7 @@ from torch import fx, nn
 
 from eqcore._torch_ao import FakeQuantizeBase
 from eqcore.analysis.layers import _op_name
+from eqcore.quant.toggles import observer_is_on
 
 __all__ = ["GraphReplay", "QuantizerFlags", "set_fake_quant"]
 
@@ -30,13 +31,6 @@ _IN_PLACE_OPERATORS = frozenset(
      operator.ipow, operator.iand, operator.ior, operator.ixor, operator.ilshift, operator.irshift,
      operator.imatmul}
 )
-
-
-def _observer_flag(quantizer: nn.Module) -> bool:
-    flag = getattr(quantizer, "static_enabled", None)
-    if not isinstance(flag, torch.Tensor):
-        flag = quantizer.observer_enabled
-    return bool(flag[0])
 
 
 @dataclass
@@ -50,7 +44,7 @@ class QuantizerFlags:
     def capture(cls, model: nn.Module) -> QuantizerFlags:
         return cls(
             quantizers=[
-                (m, bool(m.fake_quant_enabled[0]), _observer_flag(m))
+                (m, bool(m.fake_quant_enabled[0]), observer_is_on(m))
                 for m in model.modules()
                 if isinstance(m, FakeQuantizeBase)
             ],
@@ -69,7 +63,7 @@ class QuantizerFlags:
         for quantizer, fake_quant, observing in self.quantizers:
             if bool(quantizer.fake_quant_enabled[0]) != fake_quant:
                 quantizer.enable_fake_quant(fake_quant)
-            if _observer_flag(quantizer) != observing:
+            if observer_is_on(quantizer) != observing:
                 quantizer.enable_observer(observing)
         for module, training in self.training:
             module.training = training

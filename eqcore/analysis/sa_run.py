@@ -22,6 +22,7 @@ from eqcore.analysis.hooks import ActHistogram, ConditionsMet
 from eqcore.analysis.sa_hooks import add_sensitivity_analysis_hooks
 from eqcore.analysis.weights import WeightHistogram, _weight_modules, _WeightProbe
 from eqcore.errors import EQError
+from eqcore.quant.toggles import observer_is_on
 
 __all__ = ["ModuleSA", "SAResult", "run_sensitivity_analysis"]
 
@@ -91,13 +92,6 @@ def _producers(model: nn.Module) -> dict[str, str]:
     return producers
 
 
-def _observer_flag(quantizer: nn.Module) -> bool:
-    flag = getattr(quantizer, "static_enabled", None)
-    if not isinstance(flag, torch.Tensor):
-        flag = quantizer.observer_enabled
-    return bool(flag[0])
-
-
 @dataclass
 class _ModelState:
     """What a pass changes on the model, captured to be put back afterwards."""
@@ -114,7 +108,7 @@ class _ModelState:
             training=[(m, m.training) for m in model.modules()],
             grads=[(p, p.grad) for p in params],
             requires_grad=[(p, p.requires_grad) for p in params],
-            observers=[(m, _observer_flag(m)) for m in model.modules() if isinstance(m, FakeQuantizeBase)],
+            observers=[(m, observer_is_on(m)) for m in model.modules() if isinstance(m, FakeQuantizeBase)],
         )
 
     def restore(self) -> None:
@@ -125,7 +119,7 @@ class _ModelState:
         for parameter, requires_grad in self.requires_grad:
             parameter.requires_grad_(requires_grad)
         for quantizer, enabled in self.observers:
-            if _observer_flag(quantizer) != enabled:
+            if observer_is_on(quantizer) != enabled:
                 quantizer.enable_observer(enabled)
 
 

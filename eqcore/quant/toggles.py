@@ -7,6 +7,7 @@ left alone, so they are safe to apply to a whole model.
 
 from __future__ import annotations
 
+import torch
 from torch import nn
 
 from eqcore._torch_ao import FakeQuantizeBase
@@ -14,6 +15,15 @@ from eqcore._torch_ao import FakeQuantizeBase
 
 def _is_learnable(module: nn.Module) -> bool:
     return hasattr(module, "toggle_observer_update") and hasattr(module, "toggle_qparam_learning")
+
+
+def observer_is_on(quantizer: nn.Module) -> bool:
+    """Whether the quantizer's observer updates its qparams: ``static_enabled`` on learnable
+    quantizers (torch's and ours), ``observer_enabled`` on the others."""
+    flag = getattr(quantizer, "static_enabled", None)
+    if not isinstance(flag, torch.Tensor):
+        flag = quantizer.observer_enabled
+    return bool(flag[0])
 
 
 def enable_fake_quant(module: nn.Module) -> None:
