@@ -22,11 +22,12 @@ from torch import fx, nn
 
 from eqcore.errors import EQError
 
-__all__ = ["export_model", "layers_to_modules", "modules_to_layers", "set_submodule"]
+__all__ = ["CONV_OPS", "call_module_instead", "export_model", "layers_to_modules", "modules_to_layers", "set_submodule"]
 
 aten = torch.ops.aten
 
-_CONV_OPS: dict[Any, type[nn.Module]] = {
+# aten convolution op -> its layer type (pt2e_rules adds linear for its weighted ops).
+CONV_OPS: dict[Any, type[nn.Module]] = {
     aten.conv1d.default: nn.Conv1d,
     aten.conv1d.padding: nn.Conv1d,
     aten.conv2d.default: nn.Conv2d,
@@ -120,6 +121,18 @@ def set_submodule(root: nn.Module, path: str, module: nn.Module) -> None:
         parent.add_module(leaf, module)
 
 
+def call_module_instead(gm: fx.GraphModule, node: fx.Node, path: str, module: nn.Module) -> fx.Node:
+    """Install ``module`` at ``path`` and put a call of it on ``node``'s first argument in
+    ``node``'s place (keeping its meta); returns the call."""
+    set_submodule(gm, path, module)
+    with gm.graph.inserting_before(node):
+        call = gm.graph.call_module(path, (node.args[0],))
+    call.meta = dict(node.meta)
+    node.replace_all_uses_with(call)
+    gm.graph.erase_node(node)
+    return call
+
+
 def _arg(node: fx.Node, index: int, name: str, default: Any) -> Any:
     if len(node.args) > index:
         return node.args[index]
@@ -161,7 +174,7 @@ def _layer_module(gm: fx.GraphModule, node: fx.Node) -> tuple[nn.Module, list[fx
     if node.target is aten.linear.default:
         module: nn.Module = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None, device="meta")
     else:
-        conv_type = _CONV_OPS[node.target]
+        conv_type = CONV_OPS[node.target]
         dims = weight.dim() - 2
         groups = int(_arg(node, 6, "groups", 1))
         module = conv_type(
@@ -207,7 +220,7 @@ def layers_to_modules(gm: fx.GraphModule) -> fx.GraphModule:
     for node in list(gm.graph.nodes):
         if node.op != "call_function":
             continue
-        if node.target in _CONV_OPS or node.target is aten.linear.default:
+        if node.target in CONV_OPS or node.target is aten.linear.default:
             built = _layer_module(gm, node)
         elif node.target is aten.batch_norm.default:
             built = _bn_module(gm, node)
@@ -220,12 +233,7 @@ def layers_to_modules(gm: fx.GraphModule) -> fx.GraphModule:
         names = {n.target.rpartition(".")[2] for n in replaced} | {"num_batches_tracked"}
         if not _replaceable(gm, path, names) or any(len(n.users) > 1 for n in replaced):
             path = _free_name(gm, f"{path}.{replaced[0].target.rpartition('.')[2]}_layer".lstrip("."))
-        set_submodule(gm, path, module)
-        with gm.graph.inserting_before(node):
-            call = gm.graph.call_module(path, (node.args[0],))
-        call.meta = dict(node.meta)
-        node.replace_all_uses_with(call)
-        gm.graph.erase_node(node)
+        call_module_instead(gm, node, path, module)
     for node in list(gm.graph.nodes):
         if node.op == "get_attr" and not node.users:
             gm.graph.erase_node(node)  # e.g. the batch norms' num_batches_tracked, read by nothing

@@ -20,7 +20,13 @@ import torch
 from torch import fx, nn
 
 from eqcore._torch_ao import FakeQuantizeBase, QConfig
-from eqcore.prepare.export_graph import export_model, layers_to_modules, modules_to_layers, set_submodule
+from eqcore.prepare.export_graph import (
+    call_module_instead,
+    export_model,
+    layers_to_modules,
+    modules_to_layers,
+    set_submodule,
+)
 from eqcore.quant.recipes import Recipe
 
 with warnings.catch_warnings():
@@ -119,12 +125,7 @@ def _layers_back(gm: fx.GraphModule, lowered: fx.GraphModule) -> None:
         module = layers[path]
         if quantizer is not None:
             module = _qat_module(module, gm.get_submodule(quantizer.target))
-        set_submodule(gm, path, module)
-        with gm.graph.inserting_before(node):
-            call = gm.graph.call_module(path, (node.args[0],))
-        call.meta = dict(node.meta)
-        node.replace_all_uses_with(call)
-        gm.graph.erase_node(node)
+        call_module_instead(gm, node, path, module)
         for leftover in (quantizer, source):
             if isinstance(leftover, fx.Node) and not leftover.users:
                 gm.graph.erase_node(leftover)

@@ -26,6 +26,7 @@ from torch import fx, nn
 
 from eqcore._torchao import QuantizationAnnotation, QuantizationSpec, Quantizer
 from eqcore.errors import EQError
+from eqcore.prepare.export_graph import CONV_OPS
 from eqcore.quant.pt2e_modules import pt2e_variant
 from eqcore.quant.recipes import QuantizerSpec, Recipe
 
@@ -35,15 +36,7 @@ aten = torch.ops.aten
 ANNOTATION_KEY = "quantization_annotation"
 
 # aten op -> the layer type a recipe names for it (``Recipe.layer_types``).
-WEIGHTED_OPS: dict[Any, type[nn.Module]] = {
-    aten.conv1d.default: nn.Conv1d,
-    aten.conv1d.padding: nn.Conv1d,
-    aten.conv2d.default: nn.Conv2d,
-    aten.conv2d.padding: nn.Conv2d,
-    aten.conv3d.default: nn.Conv3d,
-    aten.conv3d.padding: nn.Conv3d,
-    aten.linear.default: nn.Linear,
-}
+WEIGHTED_OPS: dict[Any, type[nn.Module]] = {**CONV_OPS, aten.linear.default: nn.Linear}
 
 # Ops a backend runs on integers and requantizes: their tensor inputs (how many) and output.
 REQUANTIZING_OPS: dict[Any, int] = {
