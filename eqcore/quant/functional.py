@@ -30,11 +30,12 @@ from typing import Any
 import torch
 
 from eqcore.quant.fused import (
-    EPS,
+    EPS,  # noqa: F401 - re-exported: quant.modules and the tests import it from here
     FusedFakeQuantizeFn,
     FusedLearnableFakeQuantizeFn,
     Sum,
     combine_grid_sums,
+    compiling,
     param_grad,
 )
 from eqcore.quant.fused import qparams as _qparams
@@ -46,7 +47,6 @@ from eqcore.quant.kernels import (
     _host_zero_point,
     _keeps_factor,
 )
-from eqcore.quant.pool import compiling
 
 MAX_BITS = 16
 

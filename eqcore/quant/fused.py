@@ -24,6 +24,12 @@ import torch
 EPS = torch.finfo(torch.float32).eps
 
 
+def compiling() -> bool:
+    """True while torch.compile traces: the quantizers then take this module's functions."""
+    is_compiling = getattr(torch.compiler, "is_compiling", None)
+    return bool(is_compiling()) if is_compiling is not None else False
+
+
 def compute_dtype(x: torch.Tensor) -> torch.dtype:
     """float64 inputs compute in float64; every other floating dtype in float32."""
     return torch.float64 if x.dtype == torch.float64 else torch.float32

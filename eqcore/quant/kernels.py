@@ -27,7 +27,7 @@ from typing import Any
 import torch
 
 from eqcore.quant.chunk_backward import _Chunk, _Sums, _chunk_by_range, _chunk_exact, _hardtanh_backward
-from eqcore.quant.pool import OUTPUT_POOL, compiling
+from eqcore.quant.pool import OUTPUT_POOL
 
 CHUNK = 1 << 18
 """Elements per chunk: the working set of a chunk's passes stays in the CPU's caches."""
@@ -40,11 +40,11 @@ def _reads_host(t: torch.Tensor) -> bool:
 
     On the CPU, reading a tensor's value is a memory load, not a synchronisation, so the kernels
     use a uniform zero point as a Python number (scalar grid bounds save passes) and look at each
-    chunk's grid range (to skip the work its content does not need). On any other device, and
-    while torch.compile traces, they never read a value back, so forward and backward never
-    stall the device's stream or break the compiled graph.
+    chunk's grid range (to skip the work its content does not need). On any other device they
+    never read a value back, so forward and backward never stall the device's stream. (Under
+    torch.compile the quantizers run ``eqcore.quant.fused`` instead of these kernels.)
     """
-    return t.device.type == "cpu" and not compiling()
+    return t.device.type == "cpu"
 
 
 def _host_zero_point(z: torch.Tensor) -> float | None:

@@ -23,7 +23,7 @@ from eqcore.quant.functional import (
     learnable_fake_quantize,
     normalize_axis,
 )
-from eqcore.quant.pool import compiling
+from eqcore.quant.fused import compiling
 
 
 def _is_symmetric(qscheme: torch.qscheme) -> bool:

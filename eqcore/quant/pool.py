@@ -12,7 +12,8 @@ pool's own reference (views, saved tensors, numpy arrays and DLPack capsules all
 tensors handed out are not views (autograd forbids in-place ops on views made inside a custom
 Function). The pool holds at most ``max_bytes`` of storage: when a new tensor would exceed it,
 the idle storage is dropped first (shapes change), and if that is not enough, the tensor gets
-the usual allocation, as small or non-CPU tensors do and everything under torch.compile.
+the usual allocation, as small or non-CPU tensors do. (Under torch.compile the quantizers run
+``eqcore.quant.fused``, whose outputs are inductor's.)
 :func:`release_buffers` frees the idle storage.
 """
 
@@ -24,12 +25,6 @@ import threading
 import torch
 
 _use_count = getattr(torch._C, "_storage_Use_Count", None)
-
-
-def compiling() -> bool:
-    """True while torch.compile traces: reading values back, or storage tricks, would break its graph."""
-    is_compiling = getattr(torch.compiler, "is_compiling", None)
-    return bool(is_compiling()) if is_compiling is not None else False
 
 
 class OutputPool:
@@ -48,7 +43,7 @@ class OutputPool:
     def empty(self, shape: torch.Size | tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
         """An uninitialised contiguous tensor, on recycled storage where the pool has some."""
         nbytes = math.prod(shape) * dtype.itemsize
-        if device.type != "cpu" or _use_count is None or nbytes < self.min_bytes or compiling():
+        if device.type != "cpu" or _use_count is None or nbytes < self.min_bytes:
             return torch.empty(shape, dtype=dtype, device=device)
         storage = self._take(dtype, nbytes)
         if storage is None:
