@@ -11,8 +11,9 @@ per-call work (Python, autograd, about 0.3 ms for ours) outweighs the kernels.
 Then the compiled lines (``--no-compiled`` skips them): the two target cases under
 ``torch.compile`` (inductor), each a ratio against torch's eager step measured in the same run:
 ours eager and compiled, torch's and torchao's (pt2e ``LearnableFakeQuantize``) eager and
-compiled, and LSQ written as plain torch ops and compiled, the practical limit; plus each
-compiled quantizer's compile time (its first call).
+compiled, LSQ written as plain torch ops and compiled, and the memory floor (``x * scale``
+compiled: the same bytes moved, next to no arithmetic, the bound of any compiled quantizer that
+keeps x); plus each compiled quantizer's compile time (its first call).
 Run: python benchmarks/bench_fake_quant.py [--threads 2] [--no-compiled]
 """
 

@@ -3,8 +3,9 @@
 Every quantizer of one case is calibrated on the same data by the same kind of observer, then
 learns its qparams (QAT); each line is the ratio torch eager / that step, all measured in one
 interleaved run. The plain-op LSQ reference is the same math as torch autograd ops (rounding and
-the gradient scale through detach), which inductor differentiates and fuses itself: the
-practical limit of a compiled fake quantizer.
+the gradient scale through detach), which inductor differentiates and fuses itself. The memory
+floor is ``x * scale`` compiled: the bytes a quantizer that keeps x must move, with next to no
+arithmetic, so torch eager / floor bounds every compiled line on this machine.
 """
 
 from __future__ import annotations
@@ -58,6 +59,24 @@ class PlainLSQ(nn.Module):
         return (q - z) * s
 
 
+class MemoryFloor(nn.Module):
+    """``x * scale`` with a learnable scale (per channel for the weight case): fused and compiled, it
+    moves the bytes a quantizer that keeps x must (forward reads x and writes y; backward reads x and
+    dY, writes dX and sums per channel) and computes next to nothing, so torch eager / this line is
+    the most any such compiled quantizer can reach on this machine."""
+
+    def __init__(self, like: EQLearnableFakeQuantize, axis: int | None, ndim: int) -> None:
+        super().__init__()
+        shape = [1] * ndim
+        if axis is not None:
+            shape[axis] = -1
+        self.scale = nn.Parameter(like.scale.detach().clone().reshape(shape if axis is not None else ()))
+        self.zero_point = nn.Parameter(torch.zeros(()))  # unused: forward_backward clears its grad
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * self.scale
+
+
 def _scaled_grad(t: torch.Tensor, g: float) -> torch.Tensor:
     return (t - t * g).detach() + t * g
 
@@ -99,10 +118,11 @@ def report_compiled(
         quantizers[label] = fq
     quantizers["torchao"] = torchao_like(quantizers["ours"])  # the same observer kind calibrated ours
     quantizers["plain-op LSQ"] = PlainLSQ(quantizers["ours"], None if case == "act" else 0)
+    quantizers["memory floor"] = MemoryFloor(quantizers["ours"], None if case == "act" else 0, data.dim())
     runs: dict[str, Callable[[], None]] = {}
     compile_s: dict[str, float] = {}
     for label, fq in quantizers.items():
-        if label != "plain-op LSQ":
+        if label not in ("plain-op LSQ", "memory floor"):
             runs[f"{label} eager"] = forward_backward(fq, data.clone().requires_grad_(), grad)
         step = forward_backward(torch.compile(fq), data.clone().requires_grad_(), grad)
         start = time.perf_counter()
@@ -122,3 +142,8 @@ def report_compiled(
         print(f"  {label:24s} {times[0]:9.3f} {anchor[0] / times[0]:6.2f}x {pairs:9.2f}x {compiled}")
     limit = timings["plain-op LSQ compiled"][0] / timings["ours compiled"][0]
     print(f"  ours compiled against the compiled plain-op LSQ reference: {limit:.2f}x (> 1 is faster)")
+    floor = timings["memory floor compiled"][0] / timings["ours compiled"][0]
+    print(
+        f"  ours compiled against the memory floor (x * s, compiled): {floor:.2f}x; no quantizer that keeps x "
+        f"can beat {anchor[0] / timings['memory floor compiled'][0]:.2f}x torch eager here"
+    )
