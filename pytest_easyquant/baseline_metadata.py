@@ -58,9 +58,29 @@ def _flatten(prefix: str, value: Any) -> dict[str, Any]:
     return {prefix: value}
 
 
+KERNEL_PINS = (("ONEDNN_MAX_CPU_ISA", "oneDNN"), ("MKL_CBWR", "MKL"))
+"""The environment variables that pin oneDNN's and MKL's code paths, and how ``cpu`` names them."""
+
+
+def cpu_kernels() -> str:
+    """Which CPU kernels torch runs: ATen's instruction set (``AVX2``, ``AVX512``, ...; it follows
+    ``ATEN_CPU_CAPABILITY``), then any pin of oneDNN's and MKL's paths, e.g. ``AVX2, oneDNN AVX2``.
+
+    Float results differ in their last bits between these kernels, and a quantized model turns such
+    differences into rounding flips that grow layer by layer, so baselines compare only on the same.
+    """
+    import os
+
+    import torch
+
+    capability = getattr(getattr(torch.backends, "cpu", None), "get_cpu_capability", lambda: "unknown")()
+    pins = [f"{label} {os.environ[name]}" for name, label in KERNEL_PINS if os.environ.get(name)]
+    return ", ".join([str(capability), *pins])
+
+
 @lru_cache(maxsize=None)
 def _environment() -> dict[str, str]:
-    """Platform (system-machine), Python and matplotlib's FreeType version."""
+    """Platform (system-machine), Python, matplotlib's FreeType version and the CPU kernels."""
     import platform
 
     try:
@@ -73,10 +93,11 @@ def _environment() -> dict[str, str]:
         "platform": f"{platform.system()}-{platform.machine()}",
         "python": platform.python_version(),
         "freetype": freetype,
+        "cpu": cpu_kernels(),
     }
 
 
-_OPTIONAL = ("schema_version", "platform", "python", "freetype", "backend", "libraries")
+_OPTIONAL = ("schema_version", "platform", "python", "freetype", "backend", "libraries", "cpu")
 
 
 @dataclass(frozen=True)
@@ -103,6 +124,8 @@ class BaselineMetadata:
     backend: str | None = None  # the preparation backend taken ("fx" or "pt2e")
     # Versions of the optional libraries a run used (torchao for PT2E, timm, transformers); {} when none.
     libraries: dict[str, str] = field(default_factory=dict, hash=False)
+    # The CPU kernels (``cpu_kernels()``), recorded since issue 16's session; None before.
+    cpu: str | None = None
 
     @classmethod
     def current(
@@ -178,6 +201,18 @@ class BaselineMetadata:
                 lines.append(f"{f.name}: baseline {_short(before)}, now {_short(after)}")
         return lines
 
+
+    def kernels_note(self, other: BaselineMetadata) -> str:
+        """A line for a failure when the baseline (self) was recorded on other CPU kernels than this
+        run (other): their float rounding differs, and quantization amplifies it; else ""."""
+        if self.cpu is None or other.cpu is None or self.cpu == other.cpu or self.device != "cpu":
+            return ""
+        return (
+            f"the baseline was recorded on other CPU kernels ({self.cpu}; now {other.cpu}): their float "
+            "rounding differs, and a quantized model turns that into rounding flips that grow layer by "
+            "layer, so record baselines where they are compared, or pin the kernels on both machines "
+            "(README, 'Baselines across machines')"
+        )
 
     def rendering_note(self, other: BaselineMetadata) -> str:
         """A line for an image failure when the baseline (self) was drawn with another matplotlib

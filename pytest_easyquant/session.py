@@ -215,7 +215,7 @@ class EQSession:
         metadata = self.metadata(request)
         versions = {
             name: str(getattr(metadata, name))
-            for name in ("torch", "torchvision", "numpy", "matplotlib", "freetype", "python", "platform", "pytest_easyquant")
+            for name in ("torch", "torchvision", "numpy", "matplotlib", "freetype", "python", "platform", "cpu", "pytest_easyquant")
         }
         return RunInfo(
             suite=suite, model=request.model, weights=request.weights, recipe=request.recipe,

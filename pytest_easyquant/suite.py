@@ -267,10 +267,11 @@ def _settle(
     now = metadata()
     differences = stored.metadata.differences(now) if stored.metadata is not None else []
     report = CheckReport(name=node.nodeid, rows=rows, metadata_differences=differences, extra=[])
-    if not report.passed and obtained.png is not None and stored.metadata is not None:
-        note = stored.metadata.rendering_note(now)
-        if note:
-            report.extra.append(f"{note}: {commands.rerecord()}")
+    if not report.passed and stored.metadata is not None:
+        notes = [stored.metadata.kernels_note(now)]
+        if obtained.png is not None:
+            notes.append(stored.metadata.rendering_note(now))
+        report.extra += [f"{note}: {commands.rerecord()}" for note in notes if note]
     outcome.rows = [MetricRecord.from_row(row) for row in rows]
     outcome.artifacts += [a for row in rows for a in getattr(row, "artifacts", ())]
     outcome.metadata_differences = differences + report.extra

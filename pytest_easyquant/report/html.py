@@ -24,7 +24,8 @@ from pytest_easyquant.report.records import MetricRecord, RunInfo
 
 VERSION_LABELS = (
     ("torch", "torch"), ("torchvision", "torchvision"), ("numpy", "numpy"), ("matplotlib", "matplotlib"),
-    ("freetype", "FreeType"), ("python", "Python"), ("platform", "platform"), ("pytest_easyquant", "pytest-easyquant"),
+    ("freetype", "FreeType"), ("python", "Python"), ("platform", "platform"), ("cpu", "CPU kernels"),
+    ("pytest_easyquant", "pytest-easyquant"),
 )
 IMAGE_LABELS = {"baseline": "baseline", "result": "obtained", "diff": "difference"}
 
