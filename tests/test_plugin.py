@@ -68,6 +68,11 @@ def project(pytester: pytest.Pytester) -> pytest.Pytester:
     return pytester
 
 
+PINNED_KERNELS = {"ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2", "MKL_CBWR": "AVX2"}
+"""The CPU kernels the committed baselines were recorded on (README, "Baselines across machines"):
+a test comparing against them runs a subprocess with these, as the main job does."""
+
+
 def run(pytester: pytest.Pytester, *args: str) -> pytest.RunResult:
     return pytester.runpytest_inprocess(*args)
 
@@ -147,7 +152,11 @@ def test_resnet18_passes_offline_in_an_empty_directory(
     pytester: pytest.Pytester, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "no-torch-hub"))  # nothing cached, nothing fetched
-    result = run(pytester, "-p", "no:cacheprovider", "-v", "--eq-model", "resnet18", f"--eq-baseline-dir={REPO_BASELINES}")
+    for name, value in PINNED_KERNELS.items():
+        monkeypatch.setenv(name, value)
+    result = pytester.runpytest_subprocess(
+        "-p", "no:cacheprovider", "-v", "--eq-model", "resnet18", f"--eq-baseline-dir={REPO_BASELINES}"
+    )
     assert result.ret == 0, text(result)
     ids = passed_ids(result)
     result.assert_outcomes(passed=len(ids))
@@ -158,9 +167,13 @@ def test_resnet18_passes_offline_in_an_empty_directory(
 
 
 @pytest.mark.slow
-def test_digits_passes_with_real_accuracy_and_no_deprecation_warnings(pytester: pytest.Pytester) -> None:
+def test_digits_passes_with_real_accuracy_and_no_deprecation_warnings(
+    pytester: pytest.Pytester, monkeypatch: pytest.MonkeyPatch
+) -> None:
     # A fresh interpreter in an empty directory: also proves that importing torch.ao through
     # the plugin adds nothing to the user's warnings summary.
+    for name, value in PINNED_KERNELS.items():
+        monkeypatch.setenv(name, value)
     result = pytester.runpytest_subprocess(
         "-p", "no:cacheprovider", "-v", "--eq-model", "digits", f"--eq-baseline-dir={REPO_BASELINES}"
     )
