@@ -12,6 +12,8 @@ from dataclasses import dataclass, field, fields
 from functools import lru_cache
 from typing import Any
 
+from pytest_easyquant import cpu_kernels
+
 SCHEMA_VERSION = 1
 
 _VERSIONED = ("torch", "torchvision", "numpy", "matplotlib", "pytest_easyquant")
@@ -58,26 +60,6 @@ def _flatten(prefix: str, value: Any) -> dict[str, Any]:
     return {prefix: value}
 
 
-KERNEL_PINS = (("ONEDNN_MAX_CPU_ISA", "oneDNN"), ("MKL_CBWR", "MKL"))
-"""The environment variables that pin oneDNN's and MKL's code paths, and how ``cpu`` names them."""
-
-
-def cpu_kernels() -> str:
-    """Which CPU kernels torch runs: ATen's instruction set (``AVX2``, ``AVX512``, ...; it follows
-    ``ATEN_CPU_CAPABILITY``), then any pin of oneDNN's and MKL's paths, e.g. ``AVX2, oneDNN AVX2``.
-
-    Float results differ in their last bits between these kernels, and a quantized model turns such
-    differences into rounding flips that grow layer by layer, so baselines compare only on the same.
-    """
-    import os
-
-    import torch
-
-    capability = getattr(getattr(torch.backends, "cpu", None), "get_cpu_capability", lambda: "unknown")()
-    pins = [f"{label} {os.environ[name]}" for name, label in KERNEL_PINS if os.environ.get(name)]
-    return ", ".join([str(capability), *pins])
-
-
 @lru_cache(maxsize=None)
 def _environment() -> dict[str, str]:
     """Platform (system-machine), Python, matplotlib's FreeType version and the CPU kernels."""
@@ -93,7 +75,7 @@ def _environment() -> dict[str, str]:
         "platform": f"{platform.system()}-{platform.machine()}",
         "python": platform.python_version(),
         "freetype": freetype,
-        "cpu": cpu_kernels(),
+        "cpu": cpu_kernels.describe(),
     }
 
 
@@ -124,7 +106,7 @@ class BaselineMetadata:
     backend: str | None = None  # the preparation backend taken ("fx" or "pt2e")
     # Versions of the optional libraries a run used (torchao for PT2E, timm, transformers); {} when none.
     libraries: dict[str, str] = field(default_factory=dict, hash=False)
-    # The CPU kernels (``cpu_kernels()``), recorded since issue 16's session; None before.
+    # The CPU kernels (``cpu_kernels.describe()``), recorded since issue 16's session; None before.
     cpu: str | None = None
 
     @classmethod
@@ -211,7 +193,7 @@ class BaselineMetadata:
             f"the baseline was recorded on other CPU kernels ({self.cpu}; now {other.cpu}): their float "
             "rounding differs, and a quantized model turns that into rounding flips that grow layer by "
             "layer, so record baselines where they are compared, or pin the kernels on both machines "
-            "(README, 'Baselines across machines')"
+            "(--eq-pin-kernels; README, 'Baselines across machines')"
         )
 
     def rendering_note(self, other: BaselineMetadata) -> str:

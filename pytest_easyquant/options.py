@@ -61,6 +61,8 @@ OPTIONS: tuple[Option, ...] = (
     Option("update_baselines", "write the obtained values as the new baselines (checks pass)", False, "bool"),
     Option("update_new_only", "write baselines only where none exists yet; compare the rest", False, "bool"),
     Option("no_plots", "skip rendering and comparing plots", False, "bool"),
+    Option("pin_kernels", "run torch's CPU kernels as on any x86-64 CPU with AVX2 (ATen, oneDNN, MKL), so "
+           "baselines recorded on one machine compare on another", False, "bool"),
     Option("allow_degenerate", "record and compare a model whose outputs are degenerate (constant, all "
            "zero or non-finite logits) instead of failing its checks", False, "bool"),
     Option("tolerance", "tolerance rule '<metric-glob> atol=<x> [rtol=<y>]' (repeatable), "
@@ -150,6 +152,7 @@ class EQConfig:
     update_baselines: bool
     update_new_only: bool
     no_plots: bool
+    pin_kernels: bool = False
     allow_degenerate: bool = False
     cli_rules: tuple[ToleranceRule, ...] = field(default=())
     ini_rules: tuple[ToleranceRule, ...] = field(default=())
@@ -233,6 +236,7 @@ def resolve(config: pytest.Config) -> EQConfig:
         update_baselines=values["update_baselines"],
         update_new_only=values["update_new_only"],
         no_plots=values["no_plots"],
+        pin_kernels=_pin_kernels(values["pin_kernels"], source["pin_kernels"]),
         allow_degenerate=values["allow_degenerate"],
         cli_rules=_rules(cli_tolerances, source="cli", where="--eq-tolerance"),
         ini_rules=_rules(ini_tolerances, source="ini", where="ini option eq_tolerance"),
@@ -243,6 +247,18 @@ def resolve(config: pytest.Config) -> EQConfig:
         no_sensitivity=values["no_sensitivity"],
         mixed_precision=values["mixed_precision"],
     )
+
+
+def _pin_kernels(value: bool, where: str) -> bool:
+    """Pin the CPU kernels now, before any model runs (``cpu_kernels.pin``)."""
+    if value:
+        from pytest_easyquant import cpu_kernels
+
+        try:
+            cpu_kernels.pin(where)
+        except ValueError as exc:
+            raise pytest.UsageError(str(exc)) from None
+    return value
 
 
 def _json_path(config: pytest.Config, value: str | None, where: str) -> Path | None:

@@ -33,6 +33,7 @@ import pytest_easyquant.pipeline  # noqa: F401
 import pytest_easyquant.plotting  # noqa: F401
 import pytest_easyquant.reporting  # noqa: F401
 from plugin_models import NaNNet, Tiny, make_image_folder
+from pytest_easyquant import cpu_kernels
 from pytest_easyquant.errors import BaselineError
 from pytest_easyquant.image_compare import compare_image
 from pytest_easyquant.storage import read_json, read_npz, read_png
@@ -66,11 +67,6 @@ def project(pytester: pytest.Pytester) -> pytest.Pytester:
     pytester.makeconftest(CONFTEST)
     make_image_folder(pytester.path / "data")
     return pytester
-
-
-PINNED_KERNELS = {"ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2", "MKL_CBWR": "AVX2"}
-"""The CPU kernels the committed baselines were recorded on (README, "Baselines across machines"):
-a test comparing against them runs a subprocess with these, as the main job does."""
 
 
 def run(pytester: pytest.Pytester, *args: str) -> pytest.RunResult:
@@ -152,10 +148,9 @@ def test_resnet18_passes_offline_in_an_empty_directory(
     pytester: pytest.Pytester, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "no-torch-hub"))  # nothing cached, nothing fetched
-    for name, value in PINNED_KERNELS.items():
-        monkeypatch.setenv(name, value)
+    # The committed baselines were recorded on pinned kernels, which a fresh process can still take.
     result = pytester.runpytest_subprocess(
-        "-p", "no:cacheprovider", "-v", "--eq-model", "resnet18", f"--eq-baseline-dir={REPO_BASELINES}"
+        "-p", "no:cacheprovider", "-v", "--eq-pin-kernels", "--eq-model", "resnet18", f"--eq-baseline-dir={REPO_BASELINES}"
     )
     assert result.ret == 0, text(result)
     ids = passed_ids(result)
@@ -166,16 +161,55 @@ def test_resnet18_passes_offline_in_an_empty_directory(
     assert not (tmp_path / "no-torch-hub").exists()
 
 
-@pytest.mark.slow
-def test_digits_passes_with_real_accuracy_and_no_deprecation_warnings(
-    pytester: pytest.Pytester, monkeypatch: pytest.MonkeyPatch
+def _without_pins(monkeypatch: pytest.MonkeyPatch) -> None:
+    for name in cpu_kernels.PINS:
+        monkeypatch.delenv(name, raising=False)
+
+
+def test_pin_kernels_records_avx2_kernels_and_compares_on_them(project: pytest.Pytester, monkeypatch: pytest.MonkeyPatch) -> None:
+    if torch.backends.cpu.get_cpu_capability() not in ("AVX2", "AVX512", "AVX512_BF16", "AVX512_VNNI", "AMX"):
+        pytest.skip("--eq-pin-kernels needs an x86-64 CPU with AVX2")
+    _without_pins(monkeypatch)
+    args = ("-p", "no:cacheprovider", *TINY, "--eq-pin-kernels", "--eq-no-plots", "--eq-no-sensitivity")
+    recorded = project.runpytest_subprocess(*args, "--eq-update-baselines")
+    assert recorded.ret == 0, text(recorded)
+    assert read_json(project.path / TINY_DIR / "fidelity.json").metadata.cpu == "AVX2, oneDNN AVX2, MKL AVX2"
+    compared = project.runpytest_subprocess(*args)
+    assert compared.ret == 0, text(compared)
+    assert "other CPU kernels" not in text(compared)
+
+
+def test_pin_kernels_names_a_clashing_variable_and_kernels_chosen_before_it(
+    project: pytest.Pytester, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    _without_pins(monkeypatch)
+    monkeypatch.setenv("MKL_CBWR", "COMPATIBLE")
+    result = project.runpytest_subprocess("-p", "no:cacheprovider", *TINY, "--eq-pin-kernels")
+    assert result.ret == pytest.ExitCode.USAGE_ERROR, text(result)
+    assert (
+        "ERROR: --eq-pin-kernels pins ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2 MKL_CBWR=AVX2, "
+        "but the environment sets MKL_CBWR=COMPATIBLE: unset it"
+    ) in text(result)
+    monkeypatch.delenv("MKL_CBWR")
+    # A conftest whose import runs a tensor op with other kernels: ATen keeps its first choice.
+    project.makeconftest(
+        CONFTEST + "import os\nimport torch\n\nos.environ['ATEN_CPU_CAPABILITY'] = 'default'\n"
+        "torch.ones(64).sum()\ndel os.environ['ATEN_CPU_CAPABILITY']\n"
+    )
+    result = project.runpytest_subprocess("-p", "no:cacheprovider", *TINY, "--eq-pin-kernels")
+    assert result.ret == pytest.ExitCode.USAGE_ERROR, text(result)
+    output = text(result)
+    assert "ERROR: --eq-pin-kernels: torch runs DEFAULT kernels, not AVX2. Either this CPU lacks AVX2" in output
+    assert "set ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2 MKL_CBWR=AVX2 in the environment instead" in output
+    assert_no_internal_traceback(result)
+
+
+@pytest.mark.slow
+def test_digits_passes_with_real_accuracy_and_no_deprecation_warnings(pytester: pytest.Pytester) -> None:
     # A fresh interpreter in an empty directory: also proves that importing torch.ao through
     # the plugin adds nothing to the user's warnings summary.
-    for name, value in PINNED_KERNELS.items():
-        monkeypatch.setenv(name, value)
     result = pytester.runpytest_subprocess(
-        "-p", "no:cacheprovider", "-v", "--eq-model", "digits", f"--eq-baseline-dir={REPO_BASELINES}"
+        "-p", "no:cacheprovider", "-v", "--eq-pin-kernels", "--eq-model", "digits", f"--eq-baseline-dir={REPO_BASELINES}"
     )
     output = text(result)
     assert result.ret == 0, output
@@ -278,6 +312,7 @@ def test_update_with_xdist_writes_a_complete_valid_set(project: pytest.Pytester)
 READER = """
 import sys, time
 from pathlib import Path
+from pytest_easyquant import cpu_kernels
 from pytest_easyquant.errors import BaselineError
 from pytest_easyquant.storage import read_json, read_npz, read_png
 directory, stop = Path(sys.argv[1]), Path(sys.argv[2])

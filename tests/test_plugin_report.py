@@ -294,7 +294,7 @@ def test_metadata_records_the_environment_and_an_image_failure_names_a_freetype_
     import matplotlib
     from matplotlib import ft2font
 
-    from pytest_easyquant.baseline_metadata import cpu_kernels
+    from pytest_easyquant import cpu_kernels
 
     args = (*TINY, "-k", "act-sa-activation_post_process_1", "-p", "no:cacheprovider")
     assert run(project, *args, "--eq-update-baselines").ret == 0
@@ -303,7 +303,7 @@ def test_metadata_records_the_environment_and_an_image_failure_names_a_freetype_
     assert metadata.freetype == ft2font.__freetype_version__ and metadata.backend == "fx"
     assert metadata.python.count(".") == 2 and metadata.platform.startswith(("Linux", "Darwin", "Windows"))
 
-    assert metadata.cpu == cpu_kernels()
+    assert metadata.cpu == cpu_kernels.describe()
 
     edit_json(directory / "metadata.json", lambda d: d["metadata"].update(freetype="2.6.1", cpu="AVX512_BF16"))
     _darken(directory / PLOT)
@@ -311,7 +311,7 @@ def test_metadata_records_the_environment_and_an_image_failure_names_a_freetype_
     result.assert_outcomes(failed=1, deselected=28)
     output = text(result)
     assert f"freetype: baseline 2.6.1, now {ft2font.__freetype_version__}" in output
-    assert f"the baseline was recorded on other CPU kernels (AVX512_BF16; now {cpu_kernels()})" in output
+    assert f"the baseline was recorded on other CPU kernels (AVX512_BF16; now {cpu_kernels.describe()})" in output
     assert re.search(
         rf"the baseline image was drawn with FreeType 2\.6\.1 \(now {re.escape(ft2font.__freetype_version__)}\): "
         r"text and antialiasing differ .*: pytest .*--eq-update-baselines$", output, re.MULTILINE

@@ -504,20 +504,20 @@ def test_metadata_environment_fields_are_compared_only_when_recorded() -> None:
 def test_cpu_kernels_follow_the_pins_and_a_difference_gets_a_note(monkeypatch: pytest.MonkeyPatch) -> None:
     import torch
 
-    from pytest_easyquant.baseline_metadata import cpu_kernels
+    from pytest_easyquant import cpu_kernels
 
     for name in ("ONEDNN_MAX_CPU_ISA", "MKL_CBWR"):
         monkeypatch.delenv(name, raising=False)
-    assert cpu_kernels() == torch.backends.cpu.get_cpu_capability()
+    assert cpu_kernels.describe() == torch.backends.cpu.get_cpu_capability()
     monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "AVX2")
     monkeypatch.setenv("MKL_CBWR", "COMPATIBLE")
-    assert cpu_kernels() == f"{torch.backends.cpu.get_cpu_capability()}, oneDNN AVX2, MKL COMPATIBLE"
+    assert cpu_kernels.describe() == f"{torch.backends.cpu.get_cpu_capability()}, oneDNN AVX2, MKL COMPATIBLE"
 
     now = metadata(cpu="AVX2")
     assert now.differences(metadata(cpu="AVX512")) == ["cpu: baseline AVX2, now AVX512"]
     note = metadata(cpu="AVX512").kernels_note(now)
     assert note.startswith("the baseline was recorded on other CPU kernels (AVX512; now AVX2): their float rounding")
-    assert "'Baselines across machines'" in note
+    assert "--eq-pin-kernels; README, 'Baselines across machines'" in note
     assert metadata().kernels_note(now) == ""  # not recorded: nothing to say
     assert metadata(cpu="AVX2").kernels_note(now) == ""
     assert metadata(cpu="AVX512", device="cuda").kernels_note(metadata(cpu="AVX2", device="cuda")) == ""
