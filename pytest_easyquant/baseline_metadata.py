@@ -183,7 +183,6 @@ class BaselineMetadata:
                 lines.append(f"{f.name}: baseline {_short(before)}, now {_short(after)}")
         return lines
 
-
     def kernels_note(self, other: BaselineMetadata) -> str:
         """A line for a failure when the baseline (self) was recorded on other CPU kernels than this
         run (other): their float rounding differs, and quantization amplifies it; else ""."""

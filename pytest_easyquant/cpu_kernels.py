@@ -22,9 +22,8 @@ def describe() -> str:
     any pin of oneDNN's and MKL's paths, e.g. ``AVX2, oneDNN AVX2, MKL AVX2``."""
     import torch
 
-    capability = getattr(getattr(torch.backends, "cpu", None), "get_cpu_capability", lambda: "unknown")()
     pins = [f"{label} {os.environ[name]}" for name, label in _LABELS if os.environ.get(name)]
-    return ", ".join([str(capability), *pins])
+    return ", ".join([torch.backends.cpu.get_cpu_capability(), *pins])
 
 
 def pin(where: str) -> None:
@@ -47,4 +46,3 @@ def pin(where: str) -> None:
 
 def _assignments() -> str:
     return " ".join(f"{name}={value}" for name, value in PINS.items())
-
