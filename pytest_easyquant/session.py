@@ -18,7 +18,7 @@ from pytest_easyquant.baseline_usage import UsageTracker
 from pytest_easyquant.naming import baseline_dir
 from pytest_easyquant.options import EQConfig
 from pytest_easyquant.registry import Registry
-from pytest_easyquant.report.records import MetricRecord, RunInfo
+from pytest_easyquant.report.records import VERSION_LABELS, MetricRecord, RunInfo
 from pytest_easyquant.storage import BaselineMetadata
 
 
@@ -213,10 +213,7 @@ class EQSession:
 
         plan = self.plan(request)
         metadata = self.metadata(request)
-        versions = {
-            name: str(getattr(metadata, name))
-            for name in ("torch", "torchvision", "numpy", "matplotlib", "freetype", "python", "platform", "cpu", "pytest_easyquant")
-        }
+        versions = {name: str(getattr(metadata, name)) for name, _ in VERSION_LABELS}
         return RunInfo(
             suite=suite, model=request.model, weights=request.weights, recipe=request.recipe,
             baseline_recipe=self.options.baseline_recipe, backend=plan.backend, data=plan.data_name,

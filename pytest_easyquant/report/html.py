@@ -20,13 +20,8 @@ from pytest_easyquant.report.charts import layer_chart
 from pytest_easyquant.report.images import embed_png
 from pytest_easyquant.report.overview import RunOverview, build_overviews
 from pytest_easyquant.report.page_assets import SCRIPT, STYLE
-from pytest_easyquant.report.records import MetricRecord, RunInfo
+from pytest_easyquant.report.records import VERSION_LABELS, MetricRecord, RunInfo
 
-VERSION_LABELS = (
-    ("torch", "torch"), ("torchvision", "torchvision"), ("numpy", "numpy"), ("matplotlib", "matplotlib"),
-    ("freetype", "FreeType"), ("python", "Python"), ("platform", "platform"), ("cpu", "CPU kernels"),
-    ("pytest_easyquant", "pytest-easyquant"),
-)
 IMAGE_LABELS = {"baseline": "baseline", "result": "obtained", "diff": "difference"}
 
 

@@ -90,6 +90,14 @@ class MetricRecord(NamedTuple):
         return self.is_number and math.isfinite(self.obtained)
 
 
+VERSION_LABELS = (
+    ("torch", "torch"), ("torchvision", "torchvision"), ("numpy", "numpy"), ("matplotlib", "matplotlib"),
+    ("freetype", "FreeType"), ("python", "Python"), ("platform", "platform"), ("cpu", "CPU kernels"),
+    ("pytest_easyquant", "pytest-easyquant"),
+)
+"""The baseline-metadata fields a run's ``RunInfo.versions`` carries, each with its label in the reports."""
+
+
 @dataclass
 class RunInfo:
     """One model run's configuration, as the report header and the JSON summary show it.
